@@ -42,8 +42,11 @@ def strategies() -> list[str]:
 
 def analyze(source, targets=None, **kwargs):
     """Spectral metrics of every target layer of a model or safetensors folder (see `rankwise.stats.analyze`)."""
+    from .assets import resolve_model
     from .stats import analyze as _analyze
 
+    if isinstance(source, str):
+        source = resolve_model(source)
     return _analyze(source, targets, **kwargs)
 
 

@@ -68,7 +68,9 @@ def _fmt(v) -> str:
 def cmd_analyze(args) -> int:
     from .stats import analyze
 
-    stats = analyze(args.model, parse_targets(args.targets), device=args.device, progress=not args.quiet)
+    from .assets import resolve_model
+
+    stats = analyze(resolve_model(args.model), parse_targets(args.targets), device=args.device, progress=not args.quiet)
     rows = [s.to_dict() for s in stats]
     if args.format == "json":
         text = json.dumps(rows, indent=2) + "\n"
@@ -103,8 +105,10 @@ def cmd_strategies(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from .assets import resolve_model
     from .plan import make_plan
 
+    args.model = resolve_model(args.model)
     if (args.budget is None) == (args.budget_rank is None):
         raise RankwiseError("give exactly one of --budget (e.g. 300k, 1.2M, 0.5%) or --budget-rank R")
     plan = make_plan(
@@ -141,6 +145,9 @@ def cmd_plan(args) -> int:
     return 0
 
 
+_MODEL_HELP = "local model folder, safetensors checkpoint folder, alias (minilm, smollm2), or hub id (online)"
+
+
 def _add_targets(p) -> None:
     p.add_argument("--targets", nargs="+", metavar="T",
                    help="module names/suffixes (space or comma separated), 're:REGEX', or 'all-linear' (default: "
@@ -153,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("analyze", help="spectral metrics of every target layer (model or safetensors folder)")
-    p.add_argument("model", help="local model folder, safetensors checkpoint folder, or hub id (online)")
+    p.add_argument("model", help=_MODEL_HELP)
     _add_targets(p)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--out", help="write to FILE instead of stdout")
@@ -166,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_strategies)
 
     p = sub.add_parser("plan", help="allocate a trainable-parameter budget across layers; write a peft config")
-    p.add_argument("model", help="local model folder, safetensors checkpoint folder, or hub id (online)")
+    p.add_argument("model", help=_MODEL_HELP)
     p.add_argument("--strategy", "-s", required=True, help="allocator name (see `rankwise strategies`)")
     p.add_argument("--budget", "-b", help="trainable LoRA parameters: 300000, 300k, 1.2M, or 0.5%% of the model")
     p.add_argument("--budget-rank", type=int, help="budget = what uniform rank R costs on the same targets")

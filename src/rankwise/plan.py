@@ -217,6 +217,10 @@ def make_plan(
     `budget` is trainable LoRA parameters: 300000, "300k", "1.2M", "0.5%" (of model parameters); or give
     `budget_rank=8` for what uniform rank 8 costs on the same targets.
     """
+    if isinstance(model, (str, os.PathLike)):
+        from .assets import resolve_model
+
+        model = resolve_model(model)
     if stats is None:
         from .stats import analyze
 
