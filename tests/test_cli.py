@@ -16,6 +16,7 @@ STRATEGIES = [s.name for s in list_allocators()]
 
 
 def run(capsys, *argv):
+    capsys.readouterr()  # drop what fixtures printed (e.g. save_pretrained progress)
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err

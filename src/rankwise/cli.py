@@ -193,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib.util
 
-    if importlib.util.find_spec("rankwise.train.commands") is not None:
-        from .train.commands import register
+    if importlib.util.find_spec("rankwise.training.commands") is not None:
+        from .training.commands import register
 
         register(sub)
     return parser
