@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib.util
 
-    if importlib.util.find_spec("rankwise.training.commands") is not None:
+    if importlib.util.find_spec("rankwise.training") is not None:
         from .training.commands import register
 
         register(sub)
