@@ -18,7 +18,9 @@ rankwise runs `--runs` times (median reported, first run too); WeightWatcher onc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import os
 import platform
@@ -61,7 +63,9 @@ def _quiet_weightwatcher():
     import warnings
 
     warnings.simplefilter("ignore")
-    import weightwatcher as ww
+    # It reports its SVD backend choice on import (print and logging.warning before any level can be set).
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import weightwatcher as ww
 
     for name in ("weightwatcher", ww.__name__):
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -157,9 +161,11 @@ def bench_model(model: str, runs: int, mp_fit: bool) -> dict:
         rs = [_run(task, model, spec) for _ in range(runs)]
         outputs[task] = rs[0]["layers"]
         walls = [r["wall_s"] for r in rs]
-        res["timings"][task] = {"wall_s_runs": walls, "wall_s_first": walls[0], "wall_s_median": statistics.median(walls),
-                                "analyze_s_median": statistics.median(r["analyze_s"] for r in rs),
-                                "setup_s_median": statistics.median(r["setup_s"] for r in rs)}
+        res["timings"][task] = {
+            "wall_s_runs": walls, "wall_s_first": walls[0], "wall_s_median": statistics.median(walls),
+            "analyze_s_median": statistics.median(r["analyze_s"] for r in rs),
+            "setup_s_median": statistics.median(r["setup_s"] for r in rs),
+        }
     for task in ["ww_default"] + (["ww_mp_fit"] if mp_fit else []):
         r = _run(task, model, spec)
         outputs[task] = r["layers"]

@@ -49,7 +49,7 @@ def _ks_fit_loop(x, thresh=1e-5):
 @pytest.mark.parametrize("seed", range(5))
 def test_hill_alpha_equals_formula(seed):
     rng = np.random.default_rng(seed)
-    for n in (3, 4, 10, 101, 768):
+    for n in (3, 4, 10, 101, 300):
         x = _heavy_tailed(rng, n)
         assert hill_alpha(x) == pytest.approx(_hill_direct(x), rel=1e-6)
 
@@ -108,7 +108,7 @@ def _weightwatcher_fit():
     return WWFit
 
 
-@pytest.mark.parametrize("n", [3, 7, 8, 9, 12, 19, 20, 21, 64, 384])
+@pytest.mark.parametrize("n", [3, 7, 8, 9, 12, 19, 20, 21, 64, 200])
 def test_fit_power_law_equals_weightwatcher(n, capsys):
     WWFit = _weightwatcher_fit()
     rng = np.random.default_rng(100 + n)

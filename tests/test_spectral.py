@@ -166,3 +166,15 @@ def test_bad_device_is_an_error():
     if not torch.cuda.is_available():
         with pytest.raises(RankwiseError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_stacked_path_and_low_precision_inputs_agree():
+    # float32 compute goes through the stacked (GPU-style) path; bfloat16 weights through the float64 CPU path.
+    g = torch.Generator().manual_seed(6)
+    ws = [torch.randn(40, 24, generator=g) for _ in range(3)]
+    ref = eigenvalues(ws)
+    for ev32, ev in zip(eigenvalues(ws, dtype=torch.float32), ref):
+        np.testing.assert_allclose(ev32, ev, rtol=1e-4, atol=1e-4 * ev.max())
+    bf = [w.to(torch.bfloat16) for w in ws]
+    for evb, w in zip(eigenvalues(bf), bf):
+        np.testing.assert_allclose(evb, eigenvalues([w.double()])[0], rtol=1e-12)

@@ -31,10 +31,10 @@ __all__ = [
     "spectral_metrics",
 ]
 
-# Float64 size of the weights decomposed together (batch_bytes=None picks one of these). Host peak memory is
-# ~3-4x the batch (source copies, float64 stack, Gram matrices, LAPACK workspace) or ~8x the float32 size of the
-# largest layer, whichever is bigger. On CPU batching buys nothing measurable (LAPACK works matrix by matrix),
-# so batches stay small; on GPU one stacked call per shape is what makes it fast, and the stack lives in GPU memory.
+# Float64 size of the weights read and decomposed together (batch_bytes=None picks one of these). On CPU layers
+# are decomposed one at a time anyway (see spectral._cpu_eigvalsh), so the batch only groups reads; peak RSS on
+# a 400 MiB checkpoint of 4 MiB layers was +24/+36/+52 MiB for 8/32/64 MiB batches (bench_checkpoint_memory.py).
+# On GPU one stacked call per shape is what makes it fast, and the float64 stack lives in GPU memory.
 CPU_BATCH_BYTES = 16 * 1024 * 1024
 GPU_BATCH_BYTES = 256 * 1024 * 1024
 

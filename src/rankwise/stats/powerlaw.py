@@ -20,6 +20,7 @@ _SMALL_N_MIN_TAIL = 8  # WWFit.fit_powerlaw_smallN's k_min: tails shorter than t
 # Elements per chunk of the (xmin candidate x eigenvalue) KS matrix: ~16 MB per float64 temporary, so a
 # 8192-eigenvalue layer needs ~100 MB at most instead of 8192^2 * 8 bytes * temporaries.
 _CHUNK_ELEMS = 1 << 21
+_CHUNK_ROWS = 64
 
 _NAN3 = (float("nan"), float("nan"), float("nan"))
 
@@ -72,7 +73,8 @@ def _ks_distances(x: np.ndarray, alphas: np.ndarray, n_tail: np.ndarray, rows: n
         return out
     N = x.size
     width = N - int(rows[0])
-    step = max(1, _CHUNK_ELEMS // max(width, 1))
+    # Few rows per chunk also skips most of the j < i triangle, which a single full-width block would compute.
+    step = max(1, min(_CHUNK_ROWS, _CHUNK_ELEMS // max(width, 1)))
     with np.errstate(all="ignore"):  # masked-out cells (j < i) may overflow; they are discarded
         for start in range(0, rows.size, step):
             r = rows[start : start + step]

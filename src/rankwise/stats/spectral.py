@@ -1,9 +1,10 @@
-"""Eigenvalues of weight matrices (batched, float64) and the per-layer spectral metrics computed from them.
+"""Eigenvalues of weight matrices (float64) and the per-layer spectral metrics computed from them.
 
 Eigenvalues are lambda_i = sigma_i^2, the squared singular values of W, as WeightWatcher reports them (no 1/N
-normalisation). They come from the smaller Gram matrix (W W^T or W^T W) with `torch.linalg.eigvalsh`: on CPU
-this is 2-4x faster than `svdvals` and, in float64, agrees with it to ~1e-16 * lambda_max, far below the 1e-5
-threshold the power-law fit applies.
+normalisation). They come from the smaller Gram matrix (W W^T or W^T W) and a symmetric eigensolver: on CPU
+(scipy dsyrk + syevd) this is 4x faster than float64 `svdvals` for BERT-base layers and agrees with it to
+~1e-16 * lambda_max, far below the 1e-5 cut the power-law fit applies. On GPU same-shape weights are stacked
+into one batched torch call.
 """
 
 from __future__ import annotations
@@ -68,12 +69,34 @@ def _gram(stacked: torch.Tensor) -> torch.Tensor:
     return stacked @ stacked.mT
 
 
-def _eigvalsh(grams: torch.Tensor) -> torch.Tensor:
-    # One stacked call on GPU (batched syevj is much faster than a loop). On CPU the batched LAPACK path
-    # runs the matrices one after another without multithreading, measured ~25% slower than a plain loop.
-    if grams.device.type == "cpu" and grams.shape[0] > 1:
-        return torch.stack([torch.linalg.eigvalsh(g) for g in grams])
-    return torch.linalg.eigvalsh(grams)
+def _cpu_eigvalsh(w: torch.Tensor) -> np.ndarray:
+    """Float64 CPU path for one matrix, all in scipy: BLAS dsyrk for the Gram, LAPACK syevd on its upper triangle.
+
+    dsyrk computes one triangle only (half the flops of a matmul: 12 vs 21 ms for 3072x768, measured) and the
+    eigensolver reads only that triangle. Staying out of torch here matters: alternating torch (MKL/OpenMP) and
+    scipy (OpenBLAS) calls made each wake the other's spinning threads, measured 3x slower end to end. No batched
+    call: LAPACK works matrix by matrix anyway, and torch's batched CPU eigvalsh was measured slower than a loop.
+    """
+    from scipy.linalg import eigvalsh
+    from scipy.linalg.blas import dsyrk
+
+    w = w.detach()
+    if w.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16
+        w = w.to(torch.float64)
+    a = np.ascontiguousarray(w.cpu().numpy(), dtype=np.float64).T  # Fortran-ordered [in, out]: BLAS takes it as is
+    gram = dsyrk(1.0, a, trans=0 if a.shape[0] <= a.shape[1] else 1)
+    return eigvalsh(gram, lower=False, overwrite_a=True, check_finite=False, driver="evd")
+
+
+def _stacked_eigvalsh(ws: Sequence[torch.Tensor], dev: torch.device, dtype) -> np.ndarray:
+    """One stacked Gram matmul and one batched eigvalsh for same-shape weights (GPU, or a non-float64 dtype)."""
+    # Copied straight into one preallocated stack: no per-weight temporaries in the target dtype.
+    stacked = torch.empty((len(ws), *ws[0].shape), dtype=dtype, device=dev)
+    for row, w in enumerate(ws):
+        stacked[row].copy_(w.detach())
+    grams = _gram(stacked)
+    del stacked  # free before the eigensolver allocates its workspace: it bounds peak memory
+    return torch.linalg.eigvalsh(grams).double().cpu().numpy()
 
 
 def eigenvalues(weights: Sequence[torch.Tensor], device=None, dtype=torch.float64) -> list[np.ndarray]:
@@ -92,16 +115,12 @@ def eigenvalues(weights: Sequence[torch.Tensor], device=None, dtype=torch.float6
     out: list[np.ndarray | None] = [None] * len(weights)
     with torch.no_grad():
         for idx in groups.values():
-            # Copied straight into one preallocated stack: no per-weight float64 temporaries.
-            stacked = torch.empty((len(idx), *weights[idx[0]].shape), dtype=dtype, device=dev)
-            for row, i in enumerate(idx):
-                stacked[row].copy_(weights[i].detach())
-            grams = _gram(stacked)
-            del stacked  # free before the eigensolver allocates its workspace: it bounds peak memory
-            ev = _eigvalsh(grams).clamp_min_(0).cpu().numpy().astype(np.float64, copy=False)
-            del grams
-            for row, i in enumerate(idx):
-                out[i] = ev[row]
+            if dev.type == "cpu" and dtype == torch.float64:
+                evs = [_cpu_eigvalsh(weights[i]) for i in idx]
+            else:
+                evs = list(_stacked_eigvalsh([weights[i] for i in idx], dev, dtype))
+            for i, ev in zip(idx, evs):
+                out[i] = np.clip(np.asarray(ev, dtype=np.float64), 0.0, None)
     return out  # type: ignore[return-value]
 
 
