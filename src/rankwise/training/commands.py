@@ -1,0 +1,194 @@
+"""CLI glue for `rankwise train | eval | merge | predict | demo`: parse, call the API, print. No logic here.
+
+`register(subparsers)` is called by rankwise.cli; each command is `fn(args) -> int` and bad usage raises
+RankwiseError (the CLI prints it as one line and exits 2).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+from ..types import RankwiseError
+from .prepare import quiet_libraries
+
+__all__ = ["register", "cmd_train", "cmd_eval", "cmd_merge", "cmd_predict", "cmd_demo"]
+
+_MODEL_HELP = "model folder, alias (minilm, smollm2), or hub id (online)"
+_DATA_HELP = ("folder with train/validation(/test) files (.jsonl .csv .tsv .parquet .txt), one such file "
+              "(validation split off), or a hub id like nyu-mll/glue:sst2 (online)")
+
+
+def _targets(values):
+    from ..cli import parse_targets
+
+    return parse_targets(values)
+
+
+def _options(pairs):
+    from ..cli import parse_set
+
+    return parse_set(pairs)
+
+
+def _command_line() -> str:
+    return "rankwise " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def cmd_train(args) -> int:
+    from . import train
+
+    if args.model and args.model_opt and args.model != args.model_opt:
+        raise RankwiseError(f"two models given ({args.model} and --model {args.model_opt}); give one")
+    model = args.model or args.model_opt
+    if not model:
+        raise RankwiseError("no model: rankwise train MODEL --data DATA (MODEL: folder, minilm, smollm2, hub id)")
+    results = train(
+        model, args.data, task=args.task, out=args.out, text_columns=_split(args.text_columns),
+        label_column=args.label_column, validation_split=args.validation_split,
+        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, max_length=args.max_length,
+        plan=args.plan, strategy=args.strategy, budget=args.budget, budget_rank=args.budget_rank, preset=args.preset,
+        rank=args.rank, targets=_targets(args.targets), strategy_options=_options(args.set),
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, dora=args.dora, rslora=args.rslora,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed,
+        device=args.device, overwrite=args.overwrite, progress=not args.quiet, command=_command_line(),
+    )
+    print(json.dumps({"out": results["run_info"]["out"], "eval": results["eval"],
+                      "trainable_params": results["train_info"]["trainable_params"],
+                      "wall_time_s": results["train_info"]["wall_time_s"]}, indent=2))
+    return 0
+
+
+def _split(values):
+    if not values:
+        return None
+    return [v.strip() for raw in values for v in raw.split(",") if v.strip()]
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate_run
+
+    with quiet_libraries(not args.quiet):
+        metrics = evaluate_run(args.run_dir, args.data, split=args.split, max_eval_samples=args.max_eval_samples,
+                               batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from . import merge_run
+
+    with quiet_libraries(not args.quiet):
+        merge_run(args.run_dir, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from . import predict
+
+    texts = list(args.text or [])
+    if args.file:
+        from pathlib import Path
+
+        texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise RankwiseError("give --text \"...\" (repeatable) or --file FILE with one text per line")
+    with quiet_libraries(False):  # stdout is JSON lines; load reports would only clutter the terminal
+        rows = predict(args.run_dir, texts, text_pairs=args.text_pair, max_new_tokens=args.max_new_tokens,
+                       device=args.device)
+    for text, row in zip(texts, rows):
+        print(json.dumps({"text": text, **{("output" if k == "text" else k): v for k, v in row.items()}}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+
+    run_demo(out=args.out, train_samples=args.train_samples, eval_samples=args.eval_samples,
+             budget_rank=args.budget_rank, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter with a plan, preset or rank (Trainer + peft)")
+    p.add_argument("model", nargs="?", help=_MODEL_HELP)
+    p.add_argument("--model", dest="model_opt", metavar="MODEL", help="same as the positional MODEL")
+    p.add_argument("--data", required=True, help=_DATA_HELP)
+    p.add_argument("--task", default="auto", choices=("auto", "seq-cls", "causal-lm"))
+    p.add_argument("--text-columns", nargs="+", metavar="COL", help="text column(s); two make sentence pairs")
+    p.add_argument("--label-column", metavar="COL")
+    p.add_argument("--validation-split", type=float, default=0.1, help="for a single file (default 0.1)")
+    p.add_argument("--max-train-samples", type=int)
+    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--max-length", type=int, help="tokens per example/block (default: model limit, at most 512)")
+    g = p.add_argument_group("adapter (one of; default --preset balanced)")
+    g.add_argument("--plan", metavar="DIR", help="a folder written by `rankwise plan --out`")
+    g.add_argument("--strategy", "-s", help="allocator, planned inline (with --budget or --budget-rank)")
+    g.add_argument("--budget", "-b", help="trainable LoRA parameters: 300k, 1.2M, 0.5%%")
+    g.add_argument("--budget-rank", type=int, help="budget = what uniform rank R costs on the targets")
+    g.add_argument("--preset", choices=("efficient", "balanced", "expressive"))
+    g.add_argument("--rank", "-r", type=int, help="plain LoRA rank R on --targets (default all-linear)")
+    g.add_argument("--targets", nargs="+", metavar="T", help="module names, 're:REGEX', or all-linear")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="strategy option")
+    g.add_argument("--lora-alpha", type=float, help="one alpha for every layer (default: the plan's, 2 x rank)")
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (peft use_dora)")
+    g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--lr", type=float, help="default 5e-4 (seq-cls), 2e-4 (causal-lm)")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", "-o", help="run folder (default runs/MODEL-TASK-TIMESTAMP)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+
+def register(sub) -> None:
+    """Add the train, eval, merge, predict and demo subcommands to an argparse subparsers object."""
+    _add_train(sub)
+
+    p = sub.add_parser("eval", help="evaluate a trained run on data")
+    p.add_argument("run_dir", help="a folder written by `rankwise train`")
+    p.add_argument("--data", required=True, help=_DATA_HELP)
+    p.add_argument("--split", default="validation", help="split of a data folder (default validation)")
+    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", help="also write the metrics JSON to FILE")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="fold a run's adapter into the base weights; save model + tokenizer")
+    p.add_argument("run_dir")
+    p.add_argument("--out", "-o", required=True, help="folder for the merged model")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("predict", help="label/score texts, or generate text, with a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--text", action="append", help="input text (repeatable)")
+    p.add_argument("--text-pair", action="append", help="second sentence for pair tasks (one per --text)")
+    p.add_argument("--file", help="one text per line")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: tokens to generate")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="MiniLM on tweets: spectral vs uniform LoRA at the same budget")
+    p.add_argument("--out", default="demo_out", help="folder for both runs (default demo_out)")
+    p.add_argument("--train-samples", type=int, default=2000)
+    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--budget-rank", type=int, default=8, help="budget = uniform rank R on all linear layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,145 @@
+"""Use a finished run folder: evaluate it on data, merge it into the base weights, or predict with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from ..types import RankwiseError
+from .data import DataInfo
+from .prepare import clean_metrics, encode, make_trainer, pick_device, read_data, resolve_model_path, say
+from .tasks import format_prompt, load_model, load_tokenizer
+
+__all__ = ["load_run", "load_run_model", "evaluate_run", "merge_run", "predict"]
+
+
+def load_run(run_dir: str | os.PathLike) -> dict:
+    """task.json of a run folder, with a one-line error when the folder is not a rankwise run."""
+    p = Path(run_dir)
+    if not (p / "task.json").is_file() or not (p / "adapter_config.json").is_file():
+        raise RankwiseError(f"{run_dir} is not a rankwise run folder (no task.json/adapter_config.json); "
+                            "give the --out folder of `rankwise train`")
+    return json.loads((p / "task.json").read_text())
+
+
+def _base_path(task_info: dict) -> str:
+    """The base model: its recorded folder when it still exists, else the name it was given (alias or hub id)."""
+    path = task_info["base_model_path"]
+    return path if Path(path).exists() else resolve_model_path(task_info["base_model"])
+
+
+def load_run_model(run_dir: str | os.PathLike, device: str = "cpu"):
+    """(PeftModel in eval mode, tokenizer, task.json dict, DataInfo) for a run folder."""
+    from peft import PeftModel
+
+    task_info = load_run(run_dir)
+    info = DataInfo.from_dict(task_info["data"])
+    base = load_model(_base_path(task_info), task_info["task"], info)
+    model = PeftModel.from_pretrained(base, str(run_dir)).to(device).eval()
+    tokenizer = load_tokenizer(str(run_dir))
+    return model, tokenizer, task_info, info
+
+
+def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str = "validation",
+                 max_eval_samples: int | None = None, batch_size: int = 32, seed: int = 0, device: str = "auto",
+                 progress: bool = True) -> dict:
+    """Metrics of a trained run on `data` (a folder's `split`, or a whole single file), as in results.json."""
+    dev = pick_device(device)
+    model, tokenizer, task_info, info = load_run_model(run_dir, dev)
+    ds = _eval_split(data, info, split, seed)
+    eval_ds = encode(ds, task_info["task"], info, tokenizer, task_info["max_length"], max_eval_samples, seed)
+    trainer = make_trainer(model, tokenizer, task_info["task"], info.label_type, out_dir=str(Path(run_dir) / ".eval"),
+                           eval_ds=eval_ds, eval_batch_size=batch_size, device=dev, progress=progress)
+    metrics = clean_metrics(trainer.evaluate())
+    shutil.rmtree(Path(run_dir) / ".eval", ignore_errors=True)
+    if task_info["task"] == "causal-lm":
+        from .metrics import perplexity
+
+        metrics["perplexity"] = perplexity(metrics["eval_loss"])
+    return {"data": str(data), "split": split, "num_samples": len(eval_ds), **metrics}
+
+
+def _eval_split(data, info: DataInfo, split: str, seed: int):
+    p = Path(data)
+    if p.is_file():  # a single file is all evaluation data: no split to hold out
+        from .data import _load_file
+
+        ds = _load_file(p)
+        read_data_check(ds.column_names, info)
+        return ds
+    prepared = read_data(data, info=info, seed=seed)
+    if split not in prepared.splits:
+        raise RankwiseError(f"no {split!r} split in {data}; it has {sorted(prepared.splits)}")
+    return prepared.splits[split]
+
+
+def read_data_check(columns: Sequence[str], info: DataInfo) -> None:
+    wanted = [c for c in info.text_columns + ([info.label_column] if info.label_column else [])]
+    missing = [c for c in wanted if c not in columns and info.kind != "text"]
+    if missing:
+        raise RankwiseError(f"the data lacks column(s) {missing} that the run was trained on; it has {list(columns)}")
+
+
+def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+              progress: bool = True) -> Path:
+    """Fold the adapter into the base weights (`merge_and_unload`) and save a plain transformers model + tokenizer.
+
+    The merged folder loads with AutoModelFor...from_pretrained alone; task.json is copied for `rankwise predict`."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RankwiseError(f"output {out} already exists; choose another --out or pass --overwrite")
+    model, tokenizer, task_info, _ = load_run_model(run_dir)
+    merged = model.merge_and_unload()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        shutil.copy(Path(run_dir) / "task.json", tmp / "task.json")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"wrote merged model to {out}", progress)
+    return out
+
+
+def predict(run_dir: str | os.PathLike, texts: Sequence[str] | str, *, text_pairs: Sequence[str] | None = None,
+            max_new_tokens: int = 64, device: str = "auto") -> list[dict]:
+    """Per text: {"label", "score"} (classes), {"score"} (regression), or {"text"} (generated by a causal LM).
+
+    For instruction runs each text is the instruction and is wrapped in the training prompt template."""
+    import torch
+
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise RankwiseError("give at least one --text")
+    if text_pairs is not None and len(text_pairs) != len(texts):
+        raise RankwiseError(f"got {len(texts)} texts but {len(text_pairs)} text pairs; give one pair per text")
+    dev = pick_device(device)
+    model, tokenizer, task_info, info = load_run_model(run_dir, dev)
+    with torch.no_grad():
+        if task_info["task"] == "causal-lm":
+            return [_generate(model, tokenizer, t, task_info, max_new_tokens, dev) for t in texts]
+        args = [texts] + ([list(text_pairs)] if text_pairs is not None else [])
+        enc = tokenizer(*args, truncation=True, max_length=task_info["max_length"], padding=True,
+                        return_tensors="pt").to(dev)
+        logits = model(**enc).logits.float().cpu()
+    if info.label_type == "regression":
+        return [{"score": float(v)} for v in logits[:, 0]]
+    probs = logits.softmax(-1)
+    names = info.id2label or {}
+    return [{"label": names.get(int(i), str(int(i))), "score": float(p[i])} for p, i in zip(probs, probs.argmax(-1))]
+
+
+def _generate(model, tokenizer, text: str, task_info: dict, max_new_tokens: int, dev: str) -> dict:
+    prompt = format_prompt({"instruction": text}) if task_info.get("prompt_template") == "alpaca" else text
+    enc = tokenizer(prompt, return_tensors="pt").to(dev)
+    enc.pop("token_type_ids", None)  # BERT-style tokenizers add them; decoder LMs' generate() rejects them
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    return {"text": tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()}

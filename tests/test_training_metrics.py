@@ -1,0 +1,82 @@
+"""Metrics per head type, presets per family, and task inference."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from rankwise.training.metrics import classification_metrics, metrics_fn, perplexity, regression_metrics
+from rankwise.training.presets import PRESET_RANKS, build_plan, preset_targets
+from rankwise.training.tasks import infer_task
+from rankwise.types import RankwiseError
+
+
+def test_binary_metrics():
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    m = classification_metrics(logits, np.array([0, 1, 0, 0]))
+    assert m["accuracy"] == 0.75 and m["f1"] == pytest.approx(2 / 3) and set(m) == {"accuracy", "f1", "mcc"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert classification_metrics(logits[:1], np.array([0]))["mcc"] == 0.0  # one class: no warning
+
+
+def test_multiclass_metrics():
+    logits = np.eye(3)[[0, 1, 2, 2]]
+    m = classification_metrics(logits, np.array([0, 1, 2, 0]))
+    assert m["accuracy"] == 0.75 and "macro_f1" in m and "f1" not in m
+
+
+def test_regression_metrics():
+    m = regression_metrics(np.array([[1.0], [2.0], [3.0]]), np.array([1.0, 2.5, 2.9]))
+    assert m["pearson"] > 0.9 and m["spearman"] == pytest.approx(1.0)
+    assert regression_metrics(np.ones(3), np.array([1.0, 2.0, 3.0]))["pearson"] == 0.0
+
+
+def test_metrics_fn_and_perplexity():
+    class P:
+        predictions, label_ids = (np.array([[0.0, 1.0]]),), np.array([1])
+
+    assert metrics_fn("class")(P())["accuracy"] == 1.0
+    assert perplexity(0.0) == 1.0 and perplexity(1.0) == pytest.approx(math.e) and perplexity(1e4) == math.inf
+
+
+def test_infer_task():
+    class Cfg:
+        architectures = ["LlamaForCausalLM"]
+
+    assert infer_task("auto", "table", True, Cfg) == "seq-cls"
+    assert infer_task("auto", "instruction", False, None) == "causal-lm"
+    assert infer_task("auto", "table", False, Cfg) == "causal-lm"
+    with pytest.raises(RankwiseError, match="cannot infer"):
+        infer_task("auto", "table", False, object())
+    with pytest.raises(RankwiseError, match="needs a label column"):
+        infer_task("seq-cls", "table", False, None)
+
+
+@pytest.mark.parametrize("preset", list(PRESET_RANKS))
+def test_presets_build_uniform_plans(preset, bert, llama, gpt2):
+    for model in (bert, llama, gpt2):
+        plan, desc = build_plan(model, model_name="m", preset=preset, progress=False)
+        assert plan.strategy == "uniform" and {r.rank for r in plan.adapted} == {PRESET_RANKS[preset]}
+        assert desc["preset"] == preset
+        wanted = preset_targets(preset, model.config.model_type)
+        assert all(any(r.name == t or r.name.endswith("." + t) for t in wanted) for r in plan.adapted)
+
+
+def test_balanced_bert_does_not_adapt_ffn_output(bert):
+    plan, _ = build_plan(bert, model_name="m", preset="balanced", progress=False)
+    names = [r.name for r in plan.adapted]
+    assert any(n.endswith("attention.output.dense") for n in names)
+    assert not any(n.endswith("layer.0.output.dense") for n in names)
+
+
+def test_rank_and_strategy_choices(bert):
+    plan, desc = build_plan(bert, model_name="m", rank=2, targets=["query"], progress=False)
+    assert desc["source"] == "rank" and len(plan.adapted) == 2
+    plan, desc = build_plan(bert, model_name="m", strategy="spectral", budget_rank=2, progress=False)
+    assert desc["strategy"] == "spectral" and plan.spent <= plan.budget.params
+    with pytest.raises(RankwiseError, match="exactly one of --budget"):
+        build_plan(bert, model_name="m", strategy="spectral", progress=False)
