@@ -60,6 +60,11 @@ def smollm2_path() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized to float32 on load; drop the GGUF quantizer record so transformers agrees
+    # to serialize them as an ordinary float32 checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier conversion

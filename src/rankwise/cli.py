@@ -191,12 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_plan)
 
-    import importlib.util
+    from .training.commands import register
 
-    if importlib.util.find_spec("rankwise.training") is not None:
-        from .training.commands import register
-
-        register(sub)
+    register(sub)  # train, eval, merge, predict, demo
     return parser
 
 

@@ -142,7 +142,7 @@ def _add_train(sub) -> None:
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--lr", type=float, help="default 5e-4 (seq-cls), 2e-4 (causal-lm)")
+    t.add_argument("--lr", type=float, help="default 2e-3 (seq-cls), 2e-4 (causal-lm)")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
     t.add_argument("--seed", type=int, default=0)

@@ -115,7 +115,7 @@ def encode(ds, task: str, info: DataInfo, tokenizer, max_length: int, n: int | N
 
 
 def make_trainer(model, tokenizer, task: str, label_type: str | None, *, out_dir: str, train_ds=None,
-                 eval_ds=None, lr: float = 5e-4, epochs: float = 1.0, batch_size: int = 16,
+                 eval_ds=None, lr: float = 2e-3, epochs: float = 1.0, batch_size: int = 16,
                  max_steps: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
                  logging_steps: int = 10, eval_batch_size: int | None = None):
     """A Trainer that saves nothing by itself (the run is saved once, atomically, by the caller)."""

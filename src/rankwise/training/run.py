@@ -38,7 +38,8 @@ from .tasks import TruncationNotice, infer_task, load_model, load_tokenizer
 __all__ = ["RESULTS_SCHEMA", "DEFAULT_LR", "train", "train_model", "versions", "peak_memory", "default_out"]
 
 RESULTS_SCHEMA = 1
-DEFAULT_LR = {"seq-cls": 5e-4, "causal-lm": 2e-4}
+# 2e-3 for classification heads: MiniLM + SST-2 (3k samples, 1 epoch) measured 0.78 at 5e-4, 0.82 at 2e-3.
+DEFAULT_LR = {"seq-cls": 2e-3, "causal-lm": 2e-4}
 _HEAD_MODULES = ("classifier", "score")  # new task heads: trained in full and saved with the adapter
 
 
