@@ -125,3 +125,11 @@ def test_hub_id_offline_is_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(RankwiseError, match="no local folder or file") as e:
         load_splits("nyu-mll/glue:sst2")
     assert "\n" not in str(e.value)
+
+
+def test_integer_labels_off_zero_are_mapped_not_padded(tmp_path):
+    """Labels {1, 2} or {0, 5} would otherwise train empty classes 0 (or 1..4)."""
+    info = label_info(_splits(tmp_path, [1, 2, 2, 1] * 3, "one_two.jsonl"), "label")
+    assert info["num_labels"] == 2 and info["label2id"] == {"1": 0, "2": 1}
+    gap = label_info(_splits(tmp_path, [0, 5, 5, 0] * 3, "gap.jsonl"), "label")
+    assert gap["num_labels"] == 2 and gap["id2label"] == {0: "0", 1: "5"}

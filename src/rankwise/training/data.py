@@ -239,8 +239,9 @@ def label_info(splits: dict, column: str) -> dict:
     kinds = {type(v) for v in values}
     if kinds <= {int, bool}:
         classes = sorted(set(int(v) for v in values))
-        if classes[0] >= 0:
-            return {"label_type": "class", "num_labels": classes[-1] + 1, "id2label": None}
+        if classes == list(range(len(classes))) and len(classes) >= 2:
+            return {"label_type": "class", "num_labels": len(classes), "id2label": None}
+        # labels such as {1, 2} or {0, 5}: map them onto 0..K-1 rather than train empty classes
         return _label_map([str(c) for c in classes], numeric=True)
     if kinds <= {int, float}:
         return {"label_type": "regression", "num_labels": 1, "id2label": None}

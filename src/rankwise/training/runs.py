@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -51,10 +52,11 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     model, tokenizer, task_info, info = load_run_model(run_dir, dev)
     ds = _eval_split(data, info, split, seed)
     eval_ds = encode(ds, task_info["task"], info, tokenizer, task_info["max_length"], max_eval_samples, seed)
-    trainer = make_trainer(model, tokenizer, task_info["task"], info.label_type, out_dir=str(Path(run_dir) / ".eval"),
-                           eval_ds=eval_ds, eval_batch_size=batch_size, device=dev, progress=progress)
-    metrics = clean_metrics(trainer.evaluate())
-    shutil.rmtree(Path(run_dir) / ".eval", ignore_errors=True)
+    # Trainer wants an output folder; keep it out of the run folder (which may be read-only or shared)
+    with tempfile.TemporaryDirectory(prefix="rankwise-eval-") as scratch:
+        trainer = make_trainer(model, tokenizer, task_info["task"], info.label_type, out_dir=scratch,
+                               eval_ds=eval_ds, eval_batch_size=batch_size, device=dev, progress=progress)
+        metrics = clean_metrics(trainer.evaluate())
     if task_info["task"] == "causal-lm":
         from .metrics import perplexity
 
