@@ -141,3 +141,14 @@ def test_plan_table_mentions_budget(bert):
     text = plan.format_table()
     assert "budget=2,000" in text and "encoder.layer.1.output.dense" in text
     assert len(adaptable_layers(bert)) - 1 == len(plan.layers)  # all but the pooler (a head)
+
+
+def test_percent_budget_counts_checkpoint_params(bert_dir):
+    from transformers import AutoModel
+
+    from rankwise.plan import count_params
+
+    total = sum(p.numel() for p in AutoModel.from_pretrained(bert_dir).parameters())
+    assert count_params(bert_dir) == total
+    plan = make_plan(str(bert_dir), "uniform", "5%", progress=False)
+    assert plan.budget.params == int(total * 0.05) and plan.spent <= plan.budget.params

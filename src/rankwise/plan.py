@@ -155,13 +155,15 @@ class Plan:
         return "\n".join(lines)
 
 
-def count_params(source: nn.Module | str | os.PathLike) -> int | None:
-    """Total parameters of a model or of a safetensors checkpoint folder (read from headers, no weights)."""
+def count_params(source: nn.Module | str | os.PathLike) -> int:
+    """Total parameters of a model; for a safetensors folder read from the headers, without loading weights."""
     if isinstance(source, nn.Module):
         return sum(p.numel() for p in source.parameters())
     files = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
-    if not files:
-        return None
+    if not files:  # a .bin folder or a hub id: build the model to count it
+        from .stats.sources import load_model
+
+        return sum(p.numel() for p in load_model(source).parameters())
     from safetensors import safe_open
 
     total = 0
