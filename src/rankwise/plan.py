@@ -122,10 +122,16 @@ class Plan:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.to_lora_config(**lora_kwargs).save_pretrained(str(out))
-        tmp = out / "plan.json.tmp"
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(out / "plan.json")
+        self.write_json(out / "plan.json")
         return out
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        """Write plan.json alone (atomically), e.g. beside an adapter whose config peft already wrote."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":

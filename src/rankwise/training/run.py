@@ -297,7 +297,7 @@ def _save(tmp: Path, peft_model, tokenizer, plan, results, model, model_path, ta
     tmp.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    (tmp / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    plan.write_json(tmp / "plan.json")  # not plan.save: peft already wrote the run's adapter_config.json
     task_info = {"schema": 1, "task": task, "base_model": str(model), "base_model_path": str(model_path),
                  "max_length": length, "prompt_template": "alpaca" if info.kind == "instruction" else None,
                  "data": info.to_dict()}
