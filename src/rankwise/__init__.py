@@ -24,6 +24,8 @@ __all__ = [
     "apply",
     "verify",
     "train",
+    "load_adapter",
+    "export",
     "strategies",
     "register_allocator",
     "Plan",
@@ -48,6 +50,22 @@ def analyze(source, targets=None, **kwargs):
     if isinstance(source, str):
         source = resolve_model(source)
     return _analyze(source, targets, **kwargs)
+
+
+def load_adapter(base_model, run_dir):
+    """Load any rankwise run folder (plain LoRA, multi-rank, AdaLoRA) onto `base_model`; returns the adapted model.
+
+    The run's task.json names the method that trained it; that method knows its own files."""
+    from .methods import method_of_run
+
+    return method_of_run(run_dir).load(base_model, run_dir)
+
+
+def export(run_dir, out, **kwargs):
+    """Write a trained run as a plain peft LoRA adapter (see `rankwise.exporting.export`)."""
+    from .exporting import export as _export
+
+    return _export(run_dir, out, **kwargs)
 
 
 def __getattr__(name):

@@ -44,12 +44,18 @@ def cmd_train(args) -> int:
     model = args.model or args.model_opt
     if not model:
         raise RankwiseError("no model: rankwise train MODEL --data DATA (MODEL: folder, minilm, smollm2, hub id)")
+    options = _options(args.set)
+    method_options = {}
+    if args.method != "lora":  # --set configures the method (e.g. AdaLoRA's tinit), not an allocator
+        method_options, options = options, None
+    if args.ranks:
+        method_options["ranks"] = args.ranks
     results = train(
-        model, args.data, task=args.task, out=args.out, text_columns=_split(args.text_columns),
+        model, args.data, method=args.method, method_options=method_options, task=args.task, out=args.out, text_columns=_split(args.text_columns),
         label_column=args.label_column, validation_split=args.validation_split,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, max_length=args.max_length,
         plan=args.plan, strategy=args.strategy, budget=args.budget, budget_rank=args.budget_rank, preset=args.preset,
-        rank=args.rank, targets=_targets(args.targets), strategy_options=_options(args.set),
+        rank=args.rank, targets=_targets(args.targets), strategy_options=options,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, dora=args.dora, rslora=args.rslora,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed,
         device=args.device, overwrite=args.overwrite, progress=not args.quiet, command=_command_line(),
@@ -128,6 +134,9 @@ def _add_train(sub) -> None:
     p.add_argument("--max-eval-samples", type=int)
     p.add_argument("--max-length", type=int, help="tokens per example/block (default: model limit, at most 512)")
     g = p.add_argument_group("adapter (one of; default --preset balanced)")
+    g.add_argument("--method", default="lora",
+                   help="training method: lora (default; static plan), multirank, adalora (see docs/methods.md)")
+    g.add_argument("--ranks", metavar="R1,R2,...", help="multirank: branch ranks, e.g. 32,16,8,4,2")
     g.add_argument("--plan", metavar="DIR", help="a folder written by `rankwise plan --out`")
     g.add_argument("--strategy", "-s", help="allocator, planned inline (with --budget or --budget-rank)")
     g.add_argument("--budget", "-b", help="trainable LoRA parameters: 300k, 1.2M, 0.5%%")
@@ -135,7 +144,8 @@ def _add_train(sub) -> None:
     g.add_argument("--preset", choices=("efficient", "balanced", "expressive"))
     g.add_argument("--rank", "-r", type=int, help="plain LoRA rank R on --targets (default all-linear)")
     g.add_argument("--targets", nargs="+", metavar="T", help="module names, 're:REGEX', or all-linear")
-    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="strategy option")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="strategy option (lora) or method option (multirank, adalora)")
     g.add_argument("--lora-alpha", type=float, help="one alpha for every layer (default: the plan's, 2 x rank)")
     g.add_argument("--lora-dropout", type=float, default=0.0)
     g.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (peft use_dora)")
@@ -153,9 +163,34 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def cmd_export(args) -> int:
+    from ..exporting import export
+
+    opts = {"merge": True} if args.merge else {}
+    with quiet_libraries(not args.quiet):
+        export(args.run_dir, args.out, format=args.format, rank=args.rank, energy=args.energy,
+               overwrite=args.overwrite, progress=not args.quiet, **opts)
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write any trained run as a plain peft LoRA adapter (or mlx, merged)")
+    p.add_argument("run_dir", help="a folder written by `rankwise train` (any --method)")
+    p.add_argument("--out", "-o", required=True, help="folder to write")
+    p.add_argument("--format", default="peft", help="peft (default), mlx, merged")
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--rank", type=int, help="compress each layer by SVD to at most rank K")
+    c.add_argument("--energy", type=float, help="per layer, the fewest ranks keeping this share of the energy")
+    p.add_argument("--merge", action="store_true", help="mlx: write fused weights instead of an adapter")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+
 def register(sub) -> None:
-    """Add the train, eval, merge, predict and demo subcommands to an argparse subparsers object."""
+    """Add the train, eval, merge, predict, export and demo subcommands to an argparse subparsers object."""
     _add_train(sub)
+    _add_export(sub)
 
     p = sub.add_parser("eval", help="evaluate a trained run on data")
     p.add_argument("run_dir", help="a folder written by `rankwise train`")

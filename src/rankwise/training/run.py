@@ -32,7 +32,6 @@ from .prepare import (
     resolve_model_path,
     say,
 )
-from .presets import build_plan, check_choice
 from .tasks import TruncationNotice, infer_task, load_model, load_tokenizer
 
 __all__ = ["RESULTS_SCHEMA", "DEFAULT_LR", "train", "train_model", "versions", "peak_memory", "default_out"]
@@ -99,9 +98,9 @@ def _loss_curve(log_history: list[dict]) -> list[dict]:
     return [{"step": int(h["step"]), "loss": float(h["loss"])} for h in log_history if "loss" in h and "step" in h]
 
 
-def _lora_kwargs(task: str, model, model_path: str, lora_dropout: float, dora: bool, rslora: bool) -> dict:
+def _lora_kwargs(task: str, model, model_path: str, lora_dropout: float) -> dict:
     # base_model_name_or_path: the folder actually loaded, so the adapter config names a loadable base
-    kw = {"lora_dropout": lora_dropout, "use_dora": dora, "use_rslora": rslora, "base_model_name_or_path": model_path,
+    kw = {"lora_dropout": lora_dropout, "base_model_name_or_path": model_path,
           "task_type": "SEQ_CLS" if task == "seq-cls" else "CAUSAL_LM"}
     if task == "seq-cls":
         kw["modules_to_save"] = _head_modules(model)
@@ -137,6 +136,8 @@ def train_model(
     rank: int | None = None,
     targets: str | Sequence[str] | None = None,
     strategy_options: dict | None = None,
+    method: str = "lora",
+    method_options: dict | None = None,
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
     dora: bool = False,
@@ -154,8 +155,12 @@ def train_model(
     """`train`, also returning the trained PeftModel (in memory, eval mode) for callers that keep using it."""
     if batch_size < 1 or epochs <= 0:
         raise RankwiseError(f"--batch-size must be >= 1 and --epochs > 0, got {batch_size} and {epochs}")
-    check_choice(plan=plan, strategy=strategy, budget=budget, budget_rank=budget_rank, preset=preset, rank=rank,
-                 targets=targets, hparams=strategy_options)
+    from ..methods import MethodContext, get_method
+
+    the_method = get_method(method)
+    choice = dict(plan=plan, strategy=strategy, budget=budget, budget_rank=budget_rank, preset=preset, rank=rank,
+                  targets=targets)
+    the_method.check(dict(method_options or {}), {**choice, "strategy_options": strategy_options})
     with quiet_libraries(progress):
         # 1. everything that can fail on bad input, before any minute is spent training
         model_path = resolve_model_path(model)
@@ -169,10 +174,15 @@ def train_model(
 
         set_seed(seed)
         base = load_model(model_path, s["task"], s["info"])
-        the_plan, adapter = build_plan(
-            base, model_name=str(model), plan=plan, strategy=strategy, budget=budget, budget_rank=budget_rank,
-            preset=preset, rank=rank, targets=targets, progress=progress, **(strategy_options or {}))
-        peft_model = _adapt(base, the_plan, s["task"], model_path, lora_alpha, lora_dropout, dora, rslora)
+        ctx = MethodContext(
+            task=s["task"], model_name=str(model), model_path=model_path,
+            lora_kwargs=_lora_kwargs(s["task"], base, model_path, lora_dropout),
+            choice={**choice, "strategy_options": strategy_options, "lora_alpha": lora_alpha, "dora": dora,
+                    "rslora": rslora},
+            options=dict(method_options or {}), progress=progress, seed=seed, train_dataset=s["train"],
+            collate=s["collate"])
+        built = the_method.build(base, ctx)
+        peft_model, the_plan, adapter = built.model, built.plan, {"method": method, **built.info}
         # 3. train and evaluate inside a temp folder beside `out`, then rename it into place
         hparams = dict(epochs=epochs, lr=lr if lr is not None else DEFAULT_LR[s["task"]], batch_size=batch_size,
                        max_steps=max_steps, max_length=s["length"], lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -182,7 +192,7 @@ def train_model(
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            evaluation, train_info = _fit(peft_model, s, hparams, the_plan, seed, dev, progress, tmp)
+            evaluation, train_info, method_info = _fit(the_method, built, ctx, s, hparams, seed, dev, progress, tmp)
             results = {
                 "schema": RESULTS_SCHEMA,
                 "run_info": _run_info(model, model_path, s["task"], data, s["info"], adapter, the_plan, seed, dev,
@@ -190,7 +200,9 @@ def train_model(
                 "train_info": train_info,
                 "eval": evaluation,
             }
-            _save(tmp, peft_model, s["tokenizer"], the_plan, results, model, model_path, s["task"], s["info"],
+            if method_info:
+                results["method_info"] = method_info
+            _save(tmp, the_method, built, s["tokenizer"], results, model, model_path, s["task"], s["info"],
                   s["length"])
             _finish(tmp, out)
         finally:
@@ -225,29 +237,30 @@ def _prepare(model_path, data, task, text_columns, label_column, validation_spli
     notice = TruncationNotice(length)
     train_ds = encode(prepared.splits["train"], task, info, tokenizer, length, max_train_samples, seed, notice)
     eval_ds = encode(prepared.splits["validation"], task, info, tokenizer, length, max_eval_samples, seed)
+    from .tasks import collator
+
     return {"task": task, "info": info, "tokenizer": tokenizer, "length": length, "train": train_ds,
-            "eval": eval_ds}
+            "eval": eval_ds, "collate": collator(task, tokenizer)}
 
 
-def _adapt(base, plan, task, model_path, lora_alpha, lora_dropout, dora, rslora):
-    from ..apply import apply
-
-    return apply(base, plan, lora_alpha=lora_alpha,
-                 **_lora_kwargs(task, base, model_path, lora_dropout, dora, rslora))
-
-
-def _fit(peft_model, s: dict, hp: dict, plan, seed: int, dev: str, progress: bool, tmp: Path) -> tuple[dict, dict]:
-    """Trainer.train between two evaluations (causal LM: before and after). Returns (eval, train_info)."""
+def _fit(method, built, ctx, s: dict, hp: dict, seed: int, dev: str, progress: bool,
+         tmp: Path) -> tuple[dict, dict, dict]:
+    """Trainer.train between two evaluations (causal LM: before and after). Returns (eval, train_info, method_info)."""
+    peft_model = built.model
     task, train_ds, eval_ds = s["task"], s["train"], s["eval"]
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    say(f"training {trainable:,} of {total:,} parameters ({plan.spent:,} LoRA in {len(plan.adapted)} layers) "
+    where = f" in {len(built.plan.adapted)} layers" if built.plan is not None else ""
+    say(f"training {trainable:,} of {total:,} parameters ({built.lora_params:,} {method.name}{where}) "
         f"on {len(train_ds):,} examples, {dev}", progress)
     planned = hp["max_steps"] or math.ceil(math.ceil(len(train_ds) / hp["batch_size"]) * hp["epochs"])
     trainer = make_trainer(peft_model, s["tokenizer"], task, s["info"].label_type, out_dir=str(tmp / "trainer"),
                            train_ds=train_ds, eval_ds=eval_ds, lr=hp["lr"], epochs=hp["epochs"],
                            batch_size=hp["batch_size"], max_steps=hp["max_steps"], seed=seed, device=dev,
                            progress=progress, logging_steps=max(1, planned // 25))
+    ctx.total_steps = planned
+    for cb in method.callbacks(built, ctx):
+        trainer.add_callback(cb)
     if dev == "cuda":
         import torch
 
@@ -265,13 +278,15 @@ def _fit(peft_model, s: dict, hp: dict, plan, seed: int, dev: str, progress: boo
         metrics["perplexity"] = _ppl(metrics["eval_loss"])
     evaluation.update(metrics)
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    method_info = method.finish(built, ctx, tmp)  # raises when the method silently degraded
     train_info = {
-        "trainable_params": trainable, "total_params": total, "lora_params": plan.spent,
+        "trainable_params": trainable, "total_params": total, "lora_params": built.lora_params,
         "train_samples": len(train_ds), "steps": int(state.global_step), "epochs": hp["epochs"],
         "train_loss": float(state.training_loss), "wall_time_s": round(wall, 3),
         "peak_memory_bytes": peak_memory(dev), "loss_curve": _loss_curve(trainer.state.log_history),
     }
-    return evaluation, train_info
+    return evaluation, train_info, method_info
 
 
 def _ppl(loss: float) -> float:
@@ -284,21 +299,24 @@ def _run_info(model, model_path, task, data, info, adapter, plan, seed, dev, com
     return {
         "model": str(model), "model_path": str(model_path), "task": task, "data": str(data),
         "data_info": info.to_dict(), "out": str(out),
-        "adapter": {**adapter, "budget": plan.budget.to_dict(), "spent": plan.spent,
-                    "layers_adapted": len(plan.adapted)},
-        "strategy": plan.strategy, "preset": adapter.get("preset"), "budget": plan.budget.to_dict(),
+        "adapter": {**adapter, **({"budget": plan.budget.to_dict(), "spent": plan.spent,
+                                   "layers_adapted": len(plan.adapted)} if plan is not None else {})},
+        "method": adapter.get("method", "lora"),
+        "strategy": plan.strategy if plan is not None else adapter.get("strategy"), "preset": adapter.get("preset"),
+        "budget": plan.budget.to_dict() if plan is not None else adapter.get("budget"),
         "hparams": hparams, "seed": seed, "device": dev, "versions": versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command or " ".join(sys.argv),
     }
 
 
-def _save(tmp: Path, peft_model, tokenizer, plan, results, model, model_path, task, info, length) -> None:
+def _save(tmp: Path, method, built, tokenizer, results, model, model_path, task, info, length) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(tmp))
+    method.save(built, tmp)
     tokenizer.save_pretrained(str(tmp))
-    plan.write_json(tmp / "plan.json")  # not plan.save: peft already wrote the run's adapter_config.json
-    task_info = {"schema": 1, "task": task, "base_model": str(model), "base_model_path": str(model_path),
+    if built.plan is not None:  # not plan.save: the method already wrote the run's adapter config
+        built.plan.write_json(tmp / "plan.json")
+    task_info = {"schema": 1, "task": task, "method": method.name, "base_model": str(model), "base_model_path": str(model_path),
                  "max_length": length, "prompt_template": "alpaca" if info.kind == "instruction" else None,
                  "data": info.to_dict()}
     (tmp / "task.json").write_text(json.dumps(task_info, indent=2) + "\n")

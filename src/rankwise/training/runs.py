@@ -34,12 +34,13 @@ def _base_path(task_info: dict) -> str:
 
 def load_run_model(run_dir: str | os.PathLike, device: str = "cpu"):
     """(PeftModel in eval mode, tokenizer, task.json dict, DataInfo) for a run folder."""
-    from peft import PeftModel
+    from ..methods import method_of_run
 
     task_info = load_run(run_dir)
+    method = method_of_run(run_dir)
     info = DataInfo.from_dict(task_info["data"])
     base = load_model(_base_path(task_info), task_info["task"], info)
-    model = PeftModel.from_pretrained(base, str(run_dir)).to(device).eval()
+    model = method.load(base, run_dir).to(device).eval()
     tokenizer = load_tokenizer(str(run_dir))
     return model, tokenizer, task_info, info
 
