@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e ".[dev,plot]"
+	@# best-effort: without an mlx wheel for this platform the mlx-lm checks in tests/test_mlx_export.py skip
+	$(PIP) install -q -e ".[mlx]" || echo "mlx-lm did not install here: tests/test_mlx_export.py skips its mlx checks"
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,6 +33,10 @@ install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(PY) -m rankwise.demo
+	@echo ""
+	@echo "Next: the rankwise command lives in $(VENV). Either activate it once per shell:"
+	@echo "    source $(VENV)/bin/activate && rankwise --help"
+	@echo "or call it by path:  $(VENV)/bin/rankwise --help   (README.md, Quick start)"
 
 test: install-dev
 	$(PY) -m pytest

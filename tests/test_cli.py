@@ -13,6 +13,9 @@ from rankwise.allocators import list_allocators
 from rankwise.cli import main
 
 STRATEGIES = [s.name for s in list_allocators()]
+# `discovered` plans from a trained run (plan --from-run RUN_DIR), tested in tests/test_multirank.py
+# discovered needs a trained run; activation/gradient/eva need --data (their plans: tests/test_calibration.py)
+MODEL_STRATEGIES = [s for s in STRATEGIES if s != "discovered" and s not in ("activation", "gradient", "eva")]
 
 
 def run(capsys, *argv):
@@ -32,9 +35,8 @@ def test_entry_point_help_lists_commands():
 
 @pytest.mark.parametrize("cmd", ["analyze", "plan", "strategies"])
 def test_every_command_has_help(cmd, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([cmd, "--help"])
-    assert e.value.code == 0 and "usage: rankwise " + cmd in capsys.readouterr().out
+    assert main([cmd, "--help"]) == 0  # main returns the exit code, --help included
+    assert "usage: rankwise " + cmd in capsys.readouterr().out
 
 
 def test_strategies(capsys):
@@ -55,7 +57,7 @@ def test_analyze_json(capsys, bert_dir, tmp_path):
     assert code == 0 and len(out.strip().splitlines()) == 3
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", MODEL_STRATEGIES)
 def test_plan_round_trip_through_plain_peft(capsys, bert_dir, tmp_path, strategy):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
@@ -97,12 +99,12 @@ def test_bad_usage_exits_2_with_one_line(capsys, bert_dir, argv, needle):
 
 
 def test_argparse_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["plan"])
-    assert e.value.code == 2
+    assert main(["plan"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rankwise plan: error: ")
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", MODEL_STRATEGIES)
 def test_minilm_300k_every_strategy(capsys, minilm, tmp_path, strategy):
     """The issue's acceptance check on the real MiniLM: LoRA parameters in [300k - one step, 300k], ranks as planned."""
     from peft import LoraConfig, get_peft_model

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from rankwise import apply, make_plan
 from rankwise.allocators import list_allocators
@@ -22,7 +21,13 @@ def fake_stats(model, targets=None):
     out = []
     for i, lay in enumerate(resolve_targets(model, targets)):
         out.append(LayerStats(lay, {"alpha_hill": 2.0 + (i * 7 % 5), "alpha": 3.0, "num_spikes": float(i % 4),
-                                    "stable_rank": 1.0 + i % 3, "frobenius_norm": 1.0 + i}))
+                                    "stable_rank": 1.0 + i % 3, "frobenius_norm": 1.0 + i,
+                                    "discovered_rank": float(1 + i % 4),
+                                    # what a calibration pass (--data) measures, for the data-driven strategies
+                                    "act_in_norm2": 1.0 + i % 5, "act_out_norm2": 2.0 + i % 3,
+                                    "act_effective_rank": 3.0 + i % 7, "grad_norm": 0.1 * (1 + i % 4),
+                                    "grad_sensitivity": 0.5 + i % 6, "act_evr_1": 0.3 + 0.05 * (i % 5),
+                                    "act_evr_2": 0.2, "act_evr_3": 0.1 - 0.01 * (i % 4)}))
     return out
 
 
@@ -41,7 +46,8 @@ def test_round_trip_every_strategy(model_fn, strategy):
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert trainable == plan.spent == sum(n for _, _, n in real.values())
     assert sum(p.numel() for p in peft_model.parameters()) == before + plan.spent
-    assert plan.budget.params - plan.tolerance < plan.spent <= plan.budget.params
+    cheapest = min(r.shape[0] + r.shape[1] for r in plan.adapted)  # one rank step, computed here
+    assert plan.budget.params - cheapest < plan.spent <= plan.budget.params
 
 
 def test_bert_output_dense_collision_gets_distinct_ranks(bert):
@@ -119,12 +125,9 @@ def test_lora_alpha_override_and_kwargs(bert):
 
 
 def test_conv1d_gets_fan_in_fan_out(gpt2):
+    # the numerics (x @ (W + s (B A)^T) + b with B != 0) are checked by hand in test_references.py
     cfg = make_plan(gpt2, "uniform", budget_rank=2, stats=fake_stats(gpt2)).to_lora_config()
     assert cfg.fan_in_fan_out is True
-    x = torch.randint(0, 100, (1, 5))
-    peft_model = apply(gpt2, make_plan(gpt2, "uniform", budget_rank=2, stats=fake_stats(gpt2)))
-    with torch.no_grad():  # B starts at zero: the adapted model computes exactly the base model
-        assert torch.allclose(peft_model(x).logits, peft_model.get_base_model()(x).logits)
 
 
 def test_verify_on_meta_skeleton(bert_dir):

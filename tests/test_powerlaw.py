@@ -101,7 +101,9 @@ def test_large_spectrum_is_fast_enough():
 
 
 def _weightwatcher_fit():
-    pytest.importorskip("weightwatcher", reason="weightwatcher not installed (pip install weightwatcher==0.7.7)")
+    from conftest import require
+
+    require("weightwatcher", "weightwatcher not installed (pip install weightwatcher==0.7.7)")  # CI: fails
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     from weightwatcher.WW_powerlaw import WWFit
 

@@ -13,6 +13,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import logging as _logging  # noqa: E402
+
+# peft imports bitsandbytes (the qlora extra) when installed, whose CPU backend then logs that an optional
+# `kernels` package is missing, on every rankwise command: nothing a user can act on.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
 from .allocators import list_allocators, register_allocator  # noqa: E402
 from .apply import apply, verify  # noqa: E402
 from .plan import Plan, make_plan  # noqa: E402

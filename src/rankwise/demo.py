@@ -9,7 +9,6 @@ hyper-parameters; only the allocation differs. Everything is local: no network.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -43,9 +42,20 @@ def _plans(model_path: Path, budget_rank: int, progress: bool) -> dict:
     hill = [s.metrics["alpha_hill"] for s in stats if "alpha_hill" in s.metrics]
     if hill:
         _say(f"analysed {len(stats)} linear layers: alpha_hill {min(hill):.2f}..{max(hill):.2f} "
-             "(lower = more structure learned = more rank)", progress)
+             "(spectral gives more rank to a higher alpha_hill and fewer spikes: less learned structure, "
+             "more to adapt)", progress)
     return {s: rankwise.make_plan(str(model_path), s, budget_rank=budget_rank, stats=stats, progress=False)
             for s in STRATEGIES}
+
+
+def _check_demo_out(out: Path, inputs) -> bool:
+    """The demo replaces only its own run folders (`out/spectral`, `out/uniform`), never a folder of the user's.
+    Returns True when `out` is new (or empty, or already a demo folder) and may be marked as the demo's."""
+    from .outputs import check_out, folder_kind
+
+    for name in STRATEGIES:
+        check_out(out / name, overwrite=True, protected=inputs, overwrite_flag=None)
+    return not out.exists() or not any(out.iterdir()) or folder_kind(out) == "demo"
 
 
 def run_demo(out: str | Path = "demo_out", *, train_samples: int = 2000, eval_samples: int = 500,
@@ -56,6 +66,7 @@ def run_demo(out: str | Path = "demo_out", *, train_samples: int = 2000, eval_sa
 
     start = time.perf_counter()
     model, data = minilm_path(), tweets_csv()
+    fresh = _check_demo_out(Path(out), (model, data))
     plans = _plans(model, budget_rank, progress)
     rows = []
     for name, plan in plans.items():
@@ -69,6 +80,10 @@ def run_demo(out: str | Path = "demo_out", *, train_samples: int = 2000, eval_sa
         rows.append({"strategy": name, "accuracy": ev["eval_accuracy"], "macro_f1": ev["eval_macro_f1"],
                      "trainable_params": ti["trainable_params"], "lora_params": ti["lora_params"],
                      "wall_time_s": ti["wall_time_s"]})
+    if fresh:
+        from .outputs import mark
+
+        mark(out, "demo")  # a folder the demo created: a later demo (or --overwrite) may replace its runs
     print(f"\nMiniLM on tweet sentiment (3 classes), {train_samples} train / {eval_samples} eval, 1 epoch, "
           f"budget = uniform rank {budget_rank} on all linear layers, seed {seed}")
     print(format_table(rows))
@@ -77,14 +92,15 @@ def run_demo(out: str | Path = "demo_out", *, train_samples: int = 2000, eval_sa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .types import RankwiseError
+    from .parsing import OneLineParser, number
+    from .types import RankwiseError, RankwiseFailure
 
-    p = argparse.ArgumentParser(prog="python -m rankwise.demo", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m rankwise.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--train-samples", type=int, default=2000)
-    p.add_argument("--eval-samples", type=int, default=500)
-    p.add_argument("--budget-rank", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-samples", type=number(int, lo=1), default=2000)
+    p.add_argument("--eval-samples", type=number(int, lo=1), default=500)
+    p.add_argument("--budget-rank", type=number(int, lo=1), default=8)
+    p.add_argument("--seed", type=number(int, lo=0, hi=2**32 - 1), default=0)
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -93,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RankwiseError as e:
         print(f"rankwise demo: error: {e}", file=sys.stderr)
         return 2
+    except RankwiseFailure as e:
+        print(f"rankwise demo: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

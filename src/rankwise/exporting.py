@@ -175,24 +175,17 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, format: str = 
     _load_writers()
     if format not in FORMATS:
         raise RankwiseError(f"unknown export format {format!r}; choose one of: {', '.join(sorted(FORMATS))}")
+    from .outputs import atomic_dir, check_out, mark
+
     run_dir, out = Path(run_dir), Path(out)
     method = method_of_run(run_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RankwiseError(f"output {out} already exists; choose another --out or pass --overwrite")
     if out.resolve() == run_dir.resolve():
         raise RankwiseError("--out must differ from the run folder")
+    check_out(out, overwrite, protected=[run_dir])  # never cwd, an ancestor, the run, or a folder of the user's
     plain = method.to_lora(run_dir, rank=rank, energy=energy)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_dir(out) as tmp:
         FORMATS[format](plain, run_dir, tmp, **opts)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        mark(tmp, "export")  # mlx folders have no task.json: --overwrite recognises them by this marker
     if progress:
         import sys
 

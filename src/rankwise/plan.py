@@ -18,11 +18,13 @@ from .allocators import allocate, parse_budget
 from .targets import ALL_LINEAR, peft_patterns
 from .types import Budget, LayerStats, RankwiseError
 
-__all__ = ["PLAN_SCHEMA", "PlanRow", "Plan", "make_plan", "count_params"]
+__all__ = ["PLAN_SCHEMA", "PlanRow", "Plan", "make_plan", "count_params", "model_fingerprint"]
 
 PLAN_SCHEMA = 1
 # Metrics copied into plan rows (the rest stay in `rankwise analyze` output).
-_ROW_METRICS = ("alpha_hill", "alpha", "num_spikes", "stable_rank", "spectral_norm", "frobenius_norm")
+_ROW_METRICS = ("alpha_hill", "alpha", "num_spikes", "stable_rank", "spectral_norm", "frobenius_norm",
+                "act_in_norm2", "act_out_norm2", "act_effective_rank", "act_explained_topk", "grad_norm",
+                "grad_sensitivity", "grad_stable_rank")  # the last seven: data statistics (plan --data)
 
 
 @dataclass
@@ -53,7 +55,10 @@ class Plan:
     max_rank: int | None = None
     rank_step: int = 1
     alpha_factor: float = 2.0
+    calibration: dict | None = None  # data, samples, seed and per-layer spectra when measured on data (--data)
     schema: int = PLAN_SCHEMA
+    # what the plan was made on: {"model_type", "architectures", "target_layers", "digest"} (see model_fingerprint)
+    fingerprint: dict | None = None
 
     # ----- views -------------------------------------------------------------------------------------------
     @property
@@ -109,13 +114,30 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        if int(d.get("schema", 1)) > PLAN_SCHEMA:
-            raise RankwiseError(f"plan schema {d['schema']} is newer than this rankwise ({PLAN_SCHEMA}); upgrade")
+        """A Plan from plan.json contents, checked field by field (a hand-edited file is not taken on trust):
+        ranks are non-negative integers, alphas finite and positive, shapes two positive integers. Each row's
+        `params` and the plan's `spent` are recomputed from ranks and shapes, never copied from the file."""
+        if not isinstance(d, dict):
+            raise RankwiseError(f"plan.json must hold a JSON object, got {type(d).__name__}")
+        schema = d.get("schema", 1)
+        if isinstance(schema, bool) or not isinstance(schema, int):
+            raise RankwiseError(f"plan schema must be an integer, got {schema!r}")
+        if schema > PLAN_SCHEMA:
+            raise RankwiseError(f"plan schema {schema} is newer than this rankwise ({PLAN_SCHEMA}); upgrade")
         d = dict(d)
-        b = d.pop("budget")
-        rows = [PlanRow(**row) for row in d.pop("layers")]
+        b = d.pop("budget", None)
+        if not isinstance(b, dict) or isinstance(b.get("params"), bool) or not isinstance(b.get("params"), int):
+            raise RankwiseError(f"plan budget must be {{\"params\": N, ...}} with an integer N, got {b!r}")
+        layers = d.pop("layers", None)
+        if not isinstance(layers, list) or not layers:
+            raise RankwiseError("plan has no \"layers\" list")
+        rows = [_check_row(i, row) for i, row in enumerate(layers)]
+        dup = sorted({r.name for r in rows if sum(x.name == r.name for x in rows) > 1})
+        if dup:
+            raise RankwiseError(f"plan lists layer {dup[0]!r} more than once")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(budget=Budget(int(b["params"]), b.get("spec", "")), layers=rows, **known)
+        known["spent"] = sum(r.params for r in rows)  # recomputed: a hand edit of "spent" changes nothing
+        return cls(budget=Budget(b["params"], str(b.get("spec", ""))), layers=rows, **known)
 
     def save(self, out_dir: str | os.PathLike, **lora_kwargs) -> Path:
         """Write `plan.json` and a peft `adapter_config.json` (loads with `LoraConfig.from_pretrained(out_dir)`)."""
@@ -143,8 +165,10 @@ class Plan:
             raise RankwiseError(f"no plan at {path}: expected a directory with plan.json (from `rankwise plan`)")
         try:
             return cls.from_dict(json.loads(p.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except RankwiseError as e:
             raise RankwiseError(f"{p} is not a valid rankwise plan: {e}") from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise RankwiseError(f"{p} is not a valid rankwise plan: {str(e).splitlines()[0][:200]}") from None
 
     def format_table(self) -> str:
         lines = [f"{'layer':<52} {'shape':>11} {'type':>9} {'score':>7} {'rank':>5} {'alpha':>6} {'params':>9}"]
@@ -158,7 +182,61 @@ class Plan:
             f"strategy={self.strategy} budget={self.budget.params:,} ({self.budget.spec}) spent={self.spent:,} "
             f"({self.spent / self.budget.params:.2%}) layers adapted={len(self.adapted)}/{len(self.layers)}"
         )
+        if self.calibration:
+            c = self.calibration
+            lines.append(f"calibration: {c.get('examples')} examples of the {c.get('split', 'train')} split of "
+                         f"{c.get('data')} (seed {c.get('seed')}), {c.get('tokens')} tokens, {c.get('seconds')} s")
         return "\n".join(lines)
+
+
+def _check_row(i: int, row) -> PlanRow:
+    """One plan.json layer row, checked; `params` recomputed from rank and shape."""
+    import math
+
+    if not isinstance(row, dict):
+        raise RankwiseError(f"layer {i} is not an object: {row!r}")
+    name = row.get("name")
+    if not isinstance(name, str) or not name:
+        raise RankwiseError(f"layer {i} has no name")
+    shape, rank, alpha = row.get("shape"), row.get("rank"), row.get("alpha", 0.0)
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape)):
+        raise RankwiseError(f"layer {name}: shape must be [out, in] positive integers, got {shape!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise RankwiseError(f"layer {name}: rank must be a non-negative integer, got {rank!r}")
+    if rank > min(shape):
+        raise RankwiseError(f"layer {name}: rank {rank} exceeds min(out, in) = {min(shape)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise RankwiseError(f"layer {name}: alpha must be a finite number, got {alpha!r}")
+    if rank > 0 and alpha <= 0:
+        raise RankwiseError(f"layer {name}: alpha must be > 0 for an adapted layer, got {alpha!r}")
+    fields = {k: v for k, v in row.items() if k in PlanRow.__dataclass_fields__}  # newer files may add keys
+    fields.update(shape=list(shape), rank=rank, alpha=float(alpha), params=rank * (shape[0] + shape[1]))
+    return PlanRow(**fields)
+
+
+def model_fingerprint(model, stats: Sequence[LayerStats]) -> dict:
+    """What a plan was made on: the architecture (config model_type and architectures, when known) and a digest
+    of every target layer's name and shape, so a plan applied to another model can be told apart."""
+    import hashlib
+
+    config = _config_of(model)
+    lines = "\n".join(f"{s.name}:{s.info.out_features}x{s.info.in_features}" for s in stats)
+    return {"model_type": config.get("model_type"), "architectures": config.get("architectures"),
+            "target_layers": len(stats), "digest": hashlib.sha256(lines.encode()).hexdigest()[:16]}
+
+
+def _config_of(model) -> dict:
+    if isinstance(model, nn.Module):
+        cfg = getattr(model, "config", None)
+        return {"model_type": getattr(cfg, "model_type", None), "architectures": getattr(cfg, "architectures", None)}
+    p = Path(str(model))
+    cfg = (p if p.is_dir() else p.parent) / "config.json"
+    try:
+        data = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    return {"model_type": data.get("model_type"), "architectures": data.get("architectures")}
 
 
 def count_params(source: nn.Module | str | os.PathLike) -> int:
@@ -218,26 +296,36 @@ def make_plan(
     stats: Sequence[LayerStats] | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    calibration=None,
     **hparams,
 ) -> Plan:
     """Measure (unless `stats` is given), allocate `budget` with `strategy`, and return the Plan.
 
     `budget` is trainable LoRA parameters: 300000, "300k", "1.2M", "0.5%" (of model parameters); or give
-    `budget_rank=8` for what uniform rank 8 costs on the same targets.
+    `budget_rank=8` for what uniform rank 8 costs on the same targets. `calibration` (a
+    `rankwise.stats.calibration.Calibration` over training examples) adds data statistics to `stats`; the
+    data-driven strategies (activation, gradient, eva) need it.
     """
+    from .allocators import check_strategy
+
+    check_strategy(strategy, hparams)  # an unknown strategy or a bad option fails before the model is measured
+    from .parsing import check_number
+
+    check_number("alpha_factor", alpha_factor, lo=0, lo_open=True, allow_none=False)
     if isinstance(model, (str, os.PathLike)):
         from .assets import resolve_model
 
         model = resolve_model(model)
+    if stats is None and calibration is None:
+        _data_stats(model, strategy, (), None, progress)  # a data-driven strategy fails before measuring
     if stats is None:
         from .stats import analyze
 
         stats = analyze(model, targets, progress=progress)
+    stats, cal_record = _data_stats(model, strategy, stats, calibration, progress)
     layers = [s.info for s in stats]
     total = count_params(model) if isinstance(budget, str) and budget.strip().endswith("%") else None
     b = parse_budget(budget, layers, total_params=total, budget_rank=budget_rank)
-    if not alpha_factor > 0:
-        raise RankwiseError(f"alpha_factor must be > 0, got {alpha_factor!r}")
     alloc = allocate(strategy, stats, b, min_rank=min_rank, max_rank=max_rank, rank_step=rank_step, **hparams)
     ranks = alloc.pattern.ranks
     alphas = alloc.pattern.alphas or {n: alpha_factor * r for n, r in ranks.items()}
@@ -258,4 +346,26 @@ def make_plan(
         max_rank=max_rank,
         rank_step=rank_step,
         alpha_factor=alpha_factor,
+        calibration=cal_record,
+        fingerprint=model_fingerprint(model, stats),
     )
+
+
+def _data_stats(model, strategy: str, stats, calibration, progress: bool):
+    """Stats plus data metrics measured on `calibration`; without one, a data-driven strategy is an error."""
+    from .allocators import get_allocator
+
+    if calibration is None:
+        needs = get_allocator(strategy).needs
+        missing = not stats or any(m not in s.metrics for s in stats for m in needs)
+        if missing and any(m.startswith(("act_", "grad_")) for m in needs):
+            raise RankwiseError(f"strategy {strategy!r} allocates from data statistics: give --data D (a calibration "
+                                "sample of its training split is measured)")
+        return stats, None
+    from .stats.calibration import calibrate, with_data_metrics
+
+    cal_model = calibration.model if calibration.model is not None else model
+    if not isinstance(cal_model, nn.Module):
+        raise RankwiseError("calibration needs the model with its task head (Calibration.model)")
+    result = calibrate(cal_model, calibration, [s.info for s in stats], progress=progress)
+    return with_data_metrics(stats, result), result.record(calibration)

@@ -8,11 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-__all__ = ["LayerInfo", "LayerStats", "Budget", "RankPattern", "RankwiseError"]
+__all__ = ["LayerInfo", "LayerStats", "Budget", "RankPattern", "RankwiseError", "RankwiseFailure"]
 
 
 class RankwiseError(ValueError):
     """A user-facing error: the message says what was wrong and what is allowed."""
+
+
+class RankwiseFailure(RuntimeError):
+    """A run that failed at run time although its input was valid (e.g. the loss became NaN): the CLI prints the
+    message as one line and exits 1, and no output folder claims success."""
 
 
 @dataclass(frozen=True)

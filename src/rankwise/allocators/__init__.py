@@ -4,14 +4,16 @@ Importing this package registers the built-in strategies; third-party code adds 
 `@register_allocator("name", description=...)`.
 """
 
-from . import heuristic, spectral, uniform  # noqa: F401  (registration side effect)
+from . import data, discovered, heuristic, spectral, uniform  # noqa: F401  (registration side effect)
 from .budget import feasible_range, fit_ranks, parse_budget, pattern_from_weights, rank_bounds
-from .registry import Allocation, AllocatorSpec, allocate, get_allocator, list_allocators, register_allocator
+from .registry import (Allocation, AllocatorSpec, allocate, check_strategy, get_allocator, list_allocators,
+                       register_allocator)
 
 __all__ = [
     "Allocation",
     "AllocatorSpec",
     "allocate",
+    "check_strategy",
     "get_allocator",
     "list_allocators",
     "register_allocator",

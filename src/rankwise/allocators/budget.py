@@ -45,6 +45,8 @@ def parse_budget(
     if isinstance(spec, int):
         return Budget(spec, str(spec))
     if isinstance(spec, float):
+        if not math.isfinite(spec):
+            raise RankwiseError(f"budget must be a finite number of parameters, got {spec!r}")
         return Budget(int(spec), str(spec))
     text = str(spec)
     if m := _PERCENT_RE.match(text):
@@ -52,7 +54,10 @@ def parse_budget(
             raise RankwiseError(f"budget {text!r} is a share of model parameters, but the model size is unknown")
         return Budget(int(total_params * float(m.group(1)) / 100), text.strip())
     if m := _NUMBER_RE.match(text):
-        return Budget(int(round(float(m.group(1)) * _SUFFIX[m.group(2).lower()])), text.strip())
+        value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+        if not math.isfinite(value) or value > 1e15:  # 1e400 parses as inf: no model has that many parameters
+            raise RankwiseError(f"budget {text!r} is not a usable number of parameters")
+        return Budget(int(round(value)), text.strip())
     raise RankwiseError(f"cannot read budget {text!r}; use e.g. 300000, 300k, 1.2M, 0.5% or --budget-rank 8")
 
 

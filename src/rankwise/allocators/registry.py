@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 from ..types import Budget, LayerStats, RankPattern, RankwiseError
 from .budget import rank_bounds, smallest_step_cost
 
-__all__ = ["AllocatorSpec", "Allocation", "register_allocator", "get_allocator", "list_allocators", "allocate"]
+__all__ = ["AllocatorSpec", "Allocation", "register_allocator", "get_allocator", "list_allocators", "allocate",
+           "check_strategy"]
 
 _COMMON = ("min_rank", "max_rank", "rank_step")
 _REGISTRY: dict[str, "AllocatorSpec"] = {}
@@ -83,6 +84,16 @@ def _check_hparams(spec: AllocatorSpec, hparams: dict) -> None:
     if unknown:
         allowed = ", ".join(f"{k}={v!r}" for k, v in spec.hparams.items()) or "none"
         raise RankwiseError(f"strategy {spec.name!r} has no option {', '.join(unknown)}; allowed: {allowed}")
+    from ..parsing import check_options
+
+    check_options(hparams, spec.hparams, f"strategy {spec.name!r}")  # w_hill=abc or NaN: one line, not a trace
+
+
+def check_strategy(strategy: str, hparams: dict | None = None) -> AllocatorSpec:
+    """Check a strategy name and its options (names and types) without any model: fails in milliseconds."""
+    spec = get_allocator(strategy)
+    _check_hparams(spec, dict(hparams or {}))
+    return spec
 
 
 def _check_stats(spec: AllocatorSpec, stats: Sequence[LayerStats]) -> None:

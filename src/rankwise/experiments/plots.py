@@ -8,7 +8,7 @@ import re
 
 from ..types import RankwiseError
 
-__all__ = ["plot_plan"]
+__all__ = ["plot_plan", "plot_metric_vs_params", "plot_loss_curves", "plot_multirank", "plot_rank_history"]
 
 
 def _pyplot():
@@ -50,6 +50,111 @@ def plot_plan(plan, path: str | os.PathLike, title: str | None = None) -> str:
     ax.set_xlabel("block (depth)")
     fig.colorbar(im, ax=ax, label="LoRA rank")
     ax.set_title(title or f"{plan.strategy}: {plan.spent:,} / {plan.budget.params:,} trainable parameters")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def _save(fig, stem) -> list[str]:
+    """Write the figure as PNG (for Markdown) and PDF (for LaTeX)."""
+    plt = _pyplot()
+    paths = []
+    for ext in ("png", "pdf"):
+        path = f"{stem}.{ext}"
+        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def plot_metric_vs_params(series: dict, stem: str | os.PathLike, *, metric: str, title: str) -> list[str]:
+    """One line per method: x = LoRA parameters trained, y = metric mean with std error bars.
+
+    `series`: {method: [(params, mean, std), ...]} (std may be nan for one seed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        points = sorted(points)
+        xs, ys, es = zip(*points)
+        ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], marker="o", capsize=3, label=label,
+                    linewidth=2.5 if label == "uniform" else 1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable LoRA parameters")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, stem)
+
+
+def plot_loss_curves(curves: dict, stem: str | os.PathLike, *, title: str) -> list[str]:
+    """Training loss over optimizer steps, one line per method (`curves`: {method: (steps, losses)})."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (steps, losses) in curves.items():
+        ax.plot(steps, losses, label=label, linewidth=2.5 if label == "uniform" else 1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (mean over seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, stem)
+
+
+def plot_multirank(rows: list[dict], path: str | os.PathLike, title: str | None = None) -> str:
+    """Multi-rank discovery: per layer, each branch's share of the update (stacked bars, one colour per branch
+    position) and the effective rank of the layer's delta next to its rank sum."""
+    plt = _pyplot()
+    if not rows:
+        raise RankwiseError("no multi-rank layers to plot")
+    names = [r["name"] for r in rows]
+    y = list(range(len(rows)))
+    n_branch = max(len(r["ranks"]) for r in rows)
+    fig, (ax1, ax2) = plt.subplots(1, 2, sharey=True, figsize=(11, max(3.0, 0.22 * len(rows) + 1.5)))
+    left = [0.0] * len(rows)
+    for i in range(n_branch):
+        shares = [r["shares"][i] if i < len(r["shares"]) else 0.0 for r in rows]
+        label = "/".join(sorted({str(r["ranks"][i]) for r in rows if i < len(r["ranks"])}, key=int, reverse=True))
+        ax1.barh(y, shares, left=left, label=f"branch {i + 1} (r={label})")
+        left = [a + b for a, b in zip(left, shares)]
+    ax1.set_xlabel("share of |s_i c_i| ||B_i A_i||_F")
+    ax1.set_yticks(y, names, fontsize=6)
+    ax1.invert_yaxis()
+    ax1.legend(fontsize=6, loc="lower right")
+    ax2.plot([r["effective_rank"] for r in rows], y, "o", label=f"effective rank ({rows[0]['energy']:g} energy)")
+    ax2.plot([sum(r["ranks"]) for r in rows], y, "|", markersize=10, label="rank sum")
+    ax2.set_xlabel("rank")
+    ax2.legend(fontsize=6)
+    fig.suptitle(title or "multi-rank LoRA: branch contributions and discovered ranks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_rank_history(history: dict, path: str | os.PathLike, title: str | None = None) -> str:
+    """AdaLoRA: rank of every layer (rows) over training steps (columns); `history` is rank_history.json
+    ({"steps", "layers", "ranks": one list per step, "total_step"}). Each allocation's ranks hold until the next."""
+    import numpy as np
+
+    plt = _pyplot()
+    steps, layers = list(history["steps"]), list(history["layers"])
+    grid = np.asarray(history["ranks"], dtype=float).T  # (layers, allocations)
+    edges = np.asarray(steps + [max(history.get("total_step") or 0, steps[-1] + 1)], dtype=float)
+    fig, ax = plt.subplots(figsize=(9, max(3.0, 0.18 * len(layers) + 1.5)))
+    mesh = ax.pcolormesh(edges, np.arange(len(layers) + 1), grid, cmap="viridis", shading="flat")
+    ax.set_yticks(np.arange(len(layers)) + 0.5, layers, fontsize=6 if len(layers) > 24 else 8)
+    ax.invert_yaxis()
+    for key, label in (("tinit", "warm-up ends"), ("final_step", "ranks frozen")):
+        if history.get(key):
+            ax.axvline(history[key], color="white", linestyle="--", linewidth=1)
+            ax.text(history[key], -0.3, label, fontsize=7, ha="center", va="bottom")
+    ax.set_xlabel("optimizer step")
+    fig.colorbar(mesh, ax=ax, label="rank (kept triplets)")
+    final = grid[:, -1]
+    ax.set_title(title or f"AdaLoRA ranks: {int(grid[:, 0].sum())} -> {int(final.sum())} triplets, final "
+                          f"{int(final.min())}..{int(final.max())} per layer")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

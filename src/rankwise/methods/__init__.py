@@ -18,7 +18,7 @@ def _load_optional() -> None:
     """Methods living in their own packages register on import; a missing one is simply not offered."""
     import importlib
 
-    for mod in ("rankwise.tuners.multirank.method", "rankwise.dynamic.method"):
+    for mod in ("rankwise.tuners.multirank.method", "rankwise.dynamic.method", "rankwise.methods.peft_eva"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:  # not built yet in this checkout

@@ -43,7 +43,11 @@ class MethodContext:
     seed: int = 0
     train_dataset: Any = None  # encoded training split (calibration for data-driven strategies)
     collate: Any = None  # the Trainer's data collator for that split
+    data: str | None = None  # the --data the run trains on (recorded with a calibration)
     total_steps: int | None = None  # optimizer steps of the run, known before callbacks() is called
+    # QLoRA (--quantize): the base model's linear weights are quantised; plans measure this full-precision
+    # checkpoint folder instead (None: the base model itself is full precision)
+    plan_source: str | None = None
 
 
 @dataclass
@@ -67,6 +71,7 @@ class PlainLora:
 class Method:
     name: str = ""
     description: str = ""
+    supports_quantization: bool = False  # can build on a bitsandbytes-quantised base model (rankwise train --quantize)
 
     def check(self, options: dict, choice: dict) -> None:
         """Validate method options (and the adapter choice: budget, budget_rank, targets, ...) before any model

@@ -47,6 +47,15 @@ def _check_batch_bytes(batch_bytes, device) -> int:
     return batch_bytes
 
 
+def _check_finite(batch) -> None:
+    """NaN/Inf weights have no spectrum (the eigensolver would fail deep in LAPACK): name the layer instead."""
+    import torch
+
+    for info, w in batch:
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise RankwiseError(f"layer {info.name} has non-finite (NaN/Inf) weights; the checkpoint is corrupt")
+
+
 def analyze(
     source,
     targets: str | Sequence[str] | None = None,
@@ -74,6 +83,7 @@ def analyze(
     results: list[LayerStats] = []
     with tqdm(total=len(src), desc="analyze", unit="layer", disable=not progress) as bar:
         for batch in src.batches(batch_bytes):
+            _check_finite(batch)
             infos = [info for info, _ in batch]
             evals = eigenvalues([w for _, w in batch], device=dev)
             del batch  # let the weights go before the next read

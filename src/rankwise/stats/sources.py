@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -94,6 +95,19 @@ def module_source(model: nn.Module, targets=None) -> WeightSource:
 # ---------------------------------------------------------------- safetensors checkpoints
 
 
+@contextmanager
+def _open(f: Path, **kw):
+    """safe_open, with a truncated or corrupt file reported as one line naming it (not a Rust error)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        fh = safe_open(str(f), "pt", **kw)
+    except SafetensorError as e:
+        raise RankwiseError(f"{f} is not a readable safetensors file (truncated or corrupt: {e})") from None
+    with fh:
+        yield fh
+
+
 def _natural_key(name: str):
     # Blocks in numeric order (layer.2 before layer.10); safetensors stores tensors sorted as strings.
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
@@ -101,8 +115,6 @@ def _natural_key(name: str):
 
 def _tensor_files(path: Path) -> dict[str, Path]:
     """tensor name -> file holding it, for one .safetensors file or a (possibly sharded) folder."""
-    from safetensors import safe_open
-
     if path.is_file():
         files = [path]
     elif (path / _INDEX_FILE).is_file():
@@ -115,7 +127,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         files = sorted(path.glob("*.safetensors"))
     found: dict[str, Path] = {}
     for f in files:
-        with safe_open(str(f), "pt") as fh:
+        with _open(f) as fh:
             found.update((k, f) for k in fh.keys())
     return found
 
@@ -142,8 +154,6 @@ def checkpoint_layers(path: Path) -> tuple[list[LayerInfo], dict[str, tuple[str,
 
     Returns the LayerInfos in natural name order and {layer name: (tensor name, file)}.
     """
-    from safetensors import safe_open
-
     files = _tensor_files(path)
     folder = path if path.is_dir() else path.parent
     conv1d_model = _model_type(folder) in CONV1D_MODEL_TYPES
@@ -154,7 +164,7 @@ def checkpoint_layers(path: Path) -> tuple[list[LayerInfo], dict[str, tuple[str,
     for f, names in by_file.items():
         if not f.is_file():
             raise RankwiseError(f"checkpoint shard {f} listed in {_INDEX_FILE} is missing")
-        with safe_open(str(f), "pt") as fh:
+        with _open(f) as fh:
             for tname in names:
                 shape = fh.get_slice(tname).get_shape()
                 if not _is_linear_candidate(tname, shape):
@@ -171,8 +181,6 @@ def checkpoint_layers(path: Path) -> tuple[list[LayerInfo], dict[str, tuple[str,
 
 def checkpoint_source(path: str | os.PathLike, targets=None) -> WeightSource:
     """Selected layers of a safetensors file or folder, read lazily tensor by tensor."""
-    from safetensors import safe_open
-
     path = Path(path)
     layers, where = checkpoint_layers(path)
     layers = select_layers(layers, targets)
@@ -184,7 +192,7 @@ def checkpoint_source(path: str | os.PathLike, targets=None) -> WeightSource:
         out: list[torch.Tensor | None] = [None] * len(group)
         for f, idx in by_file.items():
             # Opened per batch and closed right after: the copies below outlive the mapping.
-            with safe_open(str(f), "pt", device="cpu") as fh:
+            with _open(f, device="cpu") as fh:
                 for i in idx:
                     w = fh.get_tensor(where[group[i].name][0])
                     out[i] = w.t() if group[i].kind == "conv1d" else w

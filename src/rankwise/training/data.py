@@ -23,6 +23,8 @@ __all__ = [
     "load_splits",
     "detect_columns",
     "label_info",
+    "label_key",
+    "apply_label_names",
     "subsample",
 ]
 
@@ -72,6 +74,9 @@ class DataInfo:
     num_labels: int | None = None
     # Raw label value -> class id, only for string (or non 0..K-1 integer) labels.
     label2id: dict[str, int] | None = None
+    eval_split: str = "validation"  # "test" for a folder with train + test files only
+    detected: dict | None = None  # how the columns were chosen: given, by name, or by content (and why)
+    dropped_empty: dict | None = None  # {split: rows} dropped by --drop-empty
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -145,12 +150,16 @@ def _split_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _split_off(ds, fraction: float, seed: int, shuffle: bool):
+def _split_off(ds, fraction: float, seed: int, shuffle: bool, keep_rows: bool = False):
     if not 0 < fraction < 1:
         raise RankwiseError(f"--validation-split must be between 0 and 1, got {fraction}")
     if len(ds) < 2:
         raise RankwiseError("a single data file needs at least 2 rows to split off validation")
     n_val = max(1, int(round(len(ds) * fraction)))
+    if keep_rows:  # a shuffled split loses the file's row order; errors must still name rows a person can find
+        from .columns import ROW_COLUMN
+
+        ds = ds.add_column(ROW_COLUMN, list(range(1, len(ds) + 1)))
     # Plain text is split contiguously (the tail), so validation is unseen prose, not shuffled neighbours.
     parts = ds.train_test_split(test_size=n_val, seed=seed, shuffle=shuffle)
     return {"train": parts["train"], "validation": parts["test"]}
@@ -168,8 +177,12 @@ def _load_hub(spec: str) -> dict:
     return dict(dd)
 
 
-def load_splits(data: str | os.PathLike, *, validation_split: float = 0.1, seed: int = 0) -> tuple[dict, str]:
-    """Data spec -> ({split: Dataset} with at least train and validation, kind-of-source string)."""
+def load_splits(data: str | os.PathLike, *, validation_split: float = 0.1, seed: int = 0,
+                keep_rows: bool = False) -> tuple[dict, str]:
+    """Data spec -> ({split: Dataset} with at least train and validation, kind-of-source string).
+
+    A folder with train + test only evaluates on test: splits["validation"] is then splits["test"] (the same
+    object). `keep_rows` adds columns.ROW_COLUMN (source-file row numbers) to a table that is split here."""
     p = Path(data)
     if p.is_dir():
         files = _split_files(p)
@@ -182,18 +195,20 @@ def load_splits(data: str | os.PathLike, *, validation_split: float = 0.1, seed:
             if "test" in splits:
                 splits["validation"] = splits["test"]  # ag_news ships train + test only
             else:
-                splits.update(_split_off(splits["train"], validation_split, seed, shuffle=not is_text))
+                splits.update(_split_off(splits["train"], validation_split, seed, shuffle=not is_text,
+                                         keep_rows=keep_rows and not is_text))
         return splits, "text" if is_text else "table"
     if p.exists() or p.suffix.lower() in DATA_EXTENSIONS or not _HUB_ID.match(str(data)):
         ds = _load_file(p)
         is_text = p.suffix.lower() == ".txt"
-        return _split_off(ds, validation_split, seed, shuffle=not is_text), "text" if is_text else "table"
+        parts = _split_off(ds, validation_split, seed, shuffle=not is_text, keep_rows=keep_rows and not is_text)
+        return parts, "text" if is_text else "table"
     # owner/name[:config] and no such local path: a hub data set (GLUE's test labels are -1; test is unused)
     splits = _load_hub(str(data))
     if "train" not in splits:
         raise RankwiseError(f"hub data set {data!r} has no train split (has {sorted(splits)})")
     if "validation" not in splits:
-        splits.update(_split_off(splits["train"], validation_split, seed, shuffle=True))
+        splits.update(_split_off(splits["train"], validation_split, seed, shuffle=True, keep_rows=keep_rows))
     return splits, "table"
 
 
@@ -224,8 +239,28 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def label_info(splits: dict, column: str) -> dict:
-    """Decide the head from the label values: ints -> classes, floats -> regression, strings -> a label map."""
+def _whole(v) -> bool:
+    return isinstance(v, (int, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def label_key(value) -> str:
+    """The label map key of a raw label: 1, 1.0, "1" and "1.0" are one class; any other string is itself."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and _is_number(value) and float(value).is_integer():
+        return str(int(float(value)))
+    return str(value)
+
+
+def label_info(splits: dict, column: str, label_names: Sequence[str] | None = None) -> dict:
+    """Decide the head from the label values: whole numbers (1, 1.0, "1") -> classes, other floats ->
+    regression, strings -> a label map. `label_names` names the classes (in class-id order)."""
+    return apply_label_names(_label_info(splits, column), label_names, column)
+
+
+def _label_info(splits: dict, column: str) -> dict:
     import datasets
 
     train = splits["train"]
@@ -235,9 +270,12 @@ def label_info(splits: dict, column: str) -> dict:
         return {"label_type": "class", "num_labels": len(names), "id2label": dict(enumerate(names))}
     values = [v for s in ("train", "validation") if s in splits for v in splits[s][column]]
     if any(v is None for v in values):
-        raise RankwiseError(f"label column {column!r} has empty values; fill or drop those rows")
+        raise RankwiseError(f"label column {column!r} has empty values; fill or drop those rows (--drop-empty)")
     kinds = {type(v) for v in values}
-    if kinds <= {int, bool}:
+    if kinds == {bool} and set(values) == {False, True}:
+        return {"label_type": "class", "num_labels": 2, "id2label": {0: "False", 1: "True"}}
+    if kinds <= {int, float, bool} and all(_whole(v) for v in values):
+        # 0, 1, 1.0: JSON and pandas turn a column with one 1.0 into floats; a person still reads classes
         classes = sorted(set(int(v) for v in values))
         if classes == list(range(len(classes))) and len(classes) >= 2:
             return {"label_type": "class", "num_labels": len(classes), "id2label": None}
@@ -252,10 +290,28 @@ def label_info(splits: dict, column: str) -> dict:
             raise RankwiseError(f"label column {column!r} mixes numbers ({bad!r}) and text; "
                                 "use one type of label per column")
         if all(numeric):  # CSV numbers come back as strings only when pandas saw text; treat as classes
-            return _label_map(sorted(set(values), key=float), numeric=True)
+            keys = {label_key(v) for v in values}
+            return _label_map(sorted(keys, key=float), numeric=True)
         return _label_map(sorted(set(values)), numeric=False)
     raise RankwiseError(f"label column {column!r} mixes types {sorted(k.__name__ for k in kinds)}; "
                         "use one type of label per column")
+
+
+def apply_label_names(li: dict, names: Sequence[str] | None, column: str = "label") -> dict:
+    """`--label-names a,b,c`: names for integer classes 0..K-1 (or for the sorted values of a mapped column)."""
+    if not names:
+        return li
+    names = [str(n) for n in names]
+    if li["label_type"] != "class":
+        raise RankwiseError(f"--label-names names classes, but {column!r} holds continuous values (regression)")
+    if li.get("label2id") and not all(_is_number(k) for k in li["label2id"]):
+        raise RankwiseError(f"--label-names is for numbered classes; {column!r} already holds names "
+                            f"({', '.join(sorted(li['label2id'])[:5])})")
+    if len(names) != li["num_labels"]:
+        raise RankwiseError(f"--label-names gives {len(names)} names but {column!r} has {li['num_labels']} classes")
+    if len(set(names)) != len(names) or not all(n.strip() for n in names):
+        raise RankwiseError(f"--label-names must be distinct and non-empty, got {names}")
+    return {**li, "id2label": dict(enumerate(names))}
 
 
 def _label_map(names: list[str], numeric: bool) -> dict:

@@ -1,6 +1,7 @@
 """Evaluation metrics with scikit-learn/scipy (not `evaluate`, which downloads metric scripts at run time).
 
 binary: accuracy, F1 of class 1, Matthews correlation (CoLA's official metric; robust to class imbalance).
+classes: also how many distinct classes were predicted and present (a collapsed model predicts one).
 multiclass: accuracy, macro-F1 (every class counts equally, so a majority-class model scores low).
 regression: Pearson and Spearman correlation (STS-B's metrics), plus MSE.
 causal LM: eval loss and perplexity = exp(loss), computed from the Trainer's loss, not here.
@@ -22,6 +23,9 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
     preds = np.asarray(logits).argmax(-1)
     labels = np.asarray(labels)
     out = {"accuracy": float(accuracy_score(labels, preds))}
+    # distinct classes predicted and present: one predicted class for several true ones is a collapsed model
+    out["predicted_classes"] = float(len(np.unique(preds)))
+    out["label_classes"] = float(len(np.unique(labels)))
     if np.asarray(logits).shape[-1] == 2:
         out["f1"] = float(f1_score(labels, preds, zero_division=0))
         with warnings.catch_warnings():  # a tiny eval set may hold one class only: MCC is then 0, say nothing

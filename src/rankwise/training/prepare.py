@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..types import RankwiseError
-from .data import DataInfo, detect_columns, label_info, load_splits, subsample
+from .columns import ROW_COLUMN, decide_columns, describe_decision, drop_or_refuse_empty
+from .data import DataInfo, label_info, load_splits, subsample
 from .tasks import (
     TruncationNotice,
     collator,
@@ -53,37 +54,58 @@ def resolve_model_path(model: str | os.PathLike) -> str:
 
 
 def pick_device(device: str) -> str:
+    """auto | cpu | cuda | cuda:N -> the device to use, checked against the GPUs this process can see."""
     import torch
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise RankwiseError(f"--device must be auto, cpu or cuda, got {device!r}")
+    device = str(device)
+    index = device[5:] if device.startswith("cuda:") else None
+    if device not in ("auto", "cpu", "cuda") and not (index and index.isdigit()):
+        raise RankwiseError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RankwiseError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RankwiseError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
+    if index is not None and int(index) >= torch.cuda.device_count():
+        raise RankwiseError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
 def read_data(data, *, info: DataInfo | None = None, text_columns: Sequence[str] | None = None,
-              label_column: str | None = None, validation_split: float = 0.1, seed: int = 0) -> Prepared:
-    """Load splits and decide (or reuse) what the columns mean."""
-    splits, kind = load_splits(data, validation_split=validation_split, seed=seed)
+              label_column: str | None = None, validation_split: float = 0.1, seed: int = 0, task: str = "auto",
+              drop_empty: bool = False) -> Prepared:
+    """Load splits and decide (or reuse) what the columns mean; empty texts are refused (or dropped)."""
+    splits, kind = load_splits(data, validation_split=validation_split, seed=seed, keep_rows=info is None)
     if info is not None:  # evaluating a run: the columns must be the ones it was trained on
         cols = splits["validation"].column_names
         missing = [c for c in info.text_columns + ([info.label_column] if info.label_column else []) if c not in cols]
         if missing:
             raise RankwiseError(f"the data lacks column(s) {missing} that the run was trained on; it has {cols}")
         return Prepared(splits, info)
+    eval_split = "test" if splits.get("test") is splits["validation"] else "validation"  # train + test folder
     if kind == "text":
-        return Prepared(splits, DataInfo(source=str(data), kind="text", text_columns=["text"]))
-    kind, texts, label = detect_columns(splits["train"].column_names, text_columns, label_column)
-    info = DataInfo(source=str(data), kind=kind, text_columns=texts, label_column=label)
+        return Prepared(splits, DataInfo(source=str(data), kind="text", text_columns=["text"], eval_split=eval_split))
+    kind, texts, label, how = decide_columns(splits["train"], text_columns, label_column,
+                                             find_label=task != "causal-lm")
+    line = describe_decision(texts, label, how)
+    if line:
+        print(line, file=sys.stderr)
+    # An empty Alpaca output is a real answer (stop at once: the EOS is learned); an empty instruction is not.
+    must_fill = ["instruction"] if kind == "instruction" else texts
+    splits, dropped = drop_or_refuse_empty(splits, must_fill, label if task != "causal-lm" else None, drop_empty)
+    splits = {name: _without_rows(ds) for name, ds in splits.items()}
+    info = DataInfo(source=str(data), kind=kind, text_columns=texts, label_column=label, detected=how,
+                    eval_split=eval_split, dropped_empty=dropped)
     return Prepared(splits, info)
 
 
-def add_labels(prepared: Prepared) -> None:
+def _without_rows(ds):
+    return ds.remove_columns(ROW_COLUMN) if ROW_COLUMN in ds.column_names else ds
+
+
+def add_labels(prepared: Prepared, label_names: Sequence[str] | None = None) -> None:
     """Fill in label type, class count and label map (only for seq-cls; causal LM has no labels)."""
-    li = label_info(prepared.splits, prepared.info.label_column)
+    li = label_info(prepared.splits, prepared.info.label_column, label_names)
     prepared.info.label_type = li["label_type"]
     prepared.info.num_labels = li["num_labels"]
     prepared.info.id2label = li["id2label"]
@@ -117,25 +139,23 @@ def encode(ds, task: str, info: DataInfo, tokenizer, max_length: int, n: int | N
 def make_trainer(model, tokenizer, task: str, label_type: str | None, *, out_dir: str, train_ds=None,
                  eval_ds=None, lr: float = 2e-3, epochs: float = 1.0, batch_size: int = 16,
                  max_steps: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
-                 logging_steps: int = 10, eval_batch_size: int | None = None):
-    """A Trainer that saves nothing by itself (the run is saved once, atomically, by the caller)."""
+                 logging_steps: int = 10, eval_batch_size: int | None = None, options=None):
+    """A Trainer that saves nothing by itself (the run is saved once, atomically, by the caller), except the
+    `--save-steps` checkpoints of `options` (a TrainOptions) into `out_dir`."""
     from transformers import Trainer, TrainingArguments
 
     from .metrics import metrics_fn
+    from .options import TrainOptions
 
-    args = TrainingArguments(
+    options = options or TrainOptions()
+    kwargs = dict(
         output_dir=out_dir,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=eval_batch_size or batch_size * 2,  # no gradients: twice the batch fits
         num_train_epochs=epochs,
         max_steps=max_steps if max_steps else -1,
         learning_rate=lr,
-        warmup_steps=0.06,  # a ratio: a short warmup keeps the fresh LoRA/head from a bad first step
-        lr_scheduler_type="linear",
         logging_steps=logging_steps,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
         seed=seed,
         data_seed=seed,
         use_cpu=device == "cpu",
@@ -143,20 +163,51 @@ def make_trainer(model, tokenizer, task: str, label_type: str | None, *, out_dir
         remove_unused_columns=False,  # columns are already exactly the model's inputs
         label_names=["labels"],  # peft wrappers hide forward()'s signature from the Trainer's guess
         prediction_loss_only=task == "causal-lm",  # perplexity needs the loss only, not vocab-sized logits
-        dataloader_pin_memory=device == "cuda",
+        dataloader_pin_memory=device.startswith("cuda"),
     )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-        data_collator=collator(task, tokenizer),
-        compute_metrics=None if task == "causal-lm" else metrics_fn(label_type or "class"),
-    )
-    if not progress:
-        quiet_trainer(trainer)
+    kwargs.update(options.trainer_kwargs())  # --train-arg may also replace rankwise's defaults (logging_steps)
+    try:
+        args = TrainingArguments(**kwargs)
+    except (ValueError, TypeError, ImportError) as e:  # e.g. bf16 on a GPU without it, a bad --train-arg pairing
+        raise RankwiseError(f"Trainer rejected the settings: {str(e).strip().splitlines()[0][:300]}") from None
+    _pin_device(args, device)
+    try:
+        trainer = Trainer(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+            data_collator=collator(task, tokenizer),
+            compute_metrics=None if task == "causal-lm" else metrics_fn(label_type or "class"),
+        )
+    except ValueError as e:  # settings that only clash once Trainer sees them (e.g. --train-arg pairings)
+        raise RankwiseError(f"Trainer rejected the settings: {str(e).strip().splitlines()[0][:300]}") from None
+    if task == "seq-cls":
+        # A classification loss is a plain batch mean; it ignores `num_items_in_batch`. Trainer assumes any model
+        # whose forward takes **kwargs normalises by it, and then neither divides by --grad-accum nor undoes
+        # DDP's averaging: the loss (and gradient) would be grad_accum x / world_size x too large.
+        trainer.model_accepts_loss_kwargs = False
+    from .callbacks import LogAtSaves, StderrProgress
+
+    quiet_trainer(trainer)
+    if progress:
+        trainer.add_callback(StderrProgress())
+    trainer.add_callback(LogAtSaves())
     return trainer
 
 
+def _pin_device(args, device: str) -> None:
+    """--device cuda:N on one process: Trainer itself only knows "the first visible GPU" (and wraps every visible
+    GPU in DataParallel); pin it to N. Launchers (torchrun, accelerate) place each process themselves."""
+    if not device.startswith("cuda:") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    import torch
+
+    torch.cuda.set_device(device)
+    args.__dict__["_setup_devices"] = torch.device(device)  # the cached_property TrainingArguments.device reads
+    args._n_gpu = 1
+
+
 def quiet_trainer(trainer) -> None:
-    """Without progress bars the Trainer prints every log dict instead; drop that printer too."""
+    """Drop Trainer's printers: its ProgressCallback writes loss dicts to stdout (tqdm.write), its
+    PrinterCallback prints them; stdout is for the result JSON only (callbacks.StderrProgress takes over)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)

@@ -1,7 +1,8 @@
 """Adapter choice -> a Plan, always: presets and `--rank` are uniform plans, so every run has a plan.json.
 
 Presets name the same intent on every family: efficient (r=4, query/value), balanced (r=8, all attention
-projections), expressive (r=16, attention + feed-forward).
+projections), expressive (r=16, attention + feed-forward). The QLoRA presets qlora_memory (r=4, query/value) and
+qlora_quality (r=8, all attention projections) imply a 4-bit base model (`PRESET_QUANTIZE`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from ..plan import Plan, make_plan
 from ..targets import resolve_targets
 from ..types import LayerStats, RankwiseError
 
-__all__ = ["PRESETS", "PRESET_RANKS", "FAMILIES", "family_of", "preset_targets", "build_plan", "check_choice"]
+__all__ = ["PRESETS", "PRESET_RANKS", "PRESET_QUANTIZE", "FAMILIES", "family_of", "preset_targets", "build_plan", "check_choice"]
 
-PRESETS = ("efficient", "balanced", "expressive")
-PRESET_RANKS = {"efficient": 4, "balanced": 8, "expressive": 16}
+PRESETS = ("efficient", "balanced", "expressive", "qlora_memory", "qlora_quality")
+PRESET_RANKS = {"efficient": 4, "balanced": 8, "expressive": 16, "qlora_memory": 4, "qlora_quality": 8}
+# QLoRA presets: the adapter of efficient / balanced on a base model loaded in 4 bits (unless --quantize says else)
+PRESET_QUANTIZE = {"qlora_memory": "4bit", "qlora_quality": "4bit"}
+_SAME_TARGETS = {"qlora_memory": "efficient", "qlora_quality": "balanced"}
 # model_type -> family; the family's module names per preset (suffixes, matched as peft matches a list).
 FAMILIES = {
     "bert": ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie"),
@@ -56,22 +60,25 @@ def preset_targets(preset: str, model_type: str | None) -> list[str]:
         raise RankwiseError(f"preset {preset!r} has no mapping for model type {model_type!r} (mapped: "
                             f"{', '.join(t for ts in FAMILIES.values() for t in ts)}); "
                             "use --rank R --targets NAMES or --strategy S --budget B instead")
-    return list(_TARGETS[fam][preset])
+    return list(_TARGETS[fam][_SAME_TARGETS.get(preset, preset)])
 
 
 def build_plan(model, *, model_name: str, plan: Plan | str | os.PathLike | None = None,
                strategy: str | None = None, budget=None, budget_rank: int | None = None,
                preset: str | None = None, rank: int | None = None, targets: str | Sequence[str] | None = None,
-               progress: bool = True, **hparams) -> tuple[Plan, dict]:
-    """Exactly one adapter choice -> (Plan, description for results.json). Nothing given means preset balanced."""
+               progress: bool = True, calibration=None, measure=None, **hparams) -> tuple[Plan, dict]:
+    """Exactly one adapter choice -> (Plan, description for results.json). Nothing given means preset balanced.
+    `calibration` (training examples) feeds the data-driven strategies; other choices ignore it.
+    `measure`: where a strategy reads weights when `model`'s are quantised (its full-precision checkpoint
+    folder); uniform choices need only layer shapes, which quantisation keeps."""
     check_choice(plan=plan, strategy=strategy, budget=budget, budget_rank=budget_rank, preset=preset, rank=rank,
                  targets=targets, hparams=hparams)
     if plan is not None:
         p = plan if isinstance(plan, Plan) else Plan.load(plan)
         return p, {"source": "plan", "plan": None if isinstance(plan, Plan) else str(plan), "strategy": p.strategy}
     if strategy is not None:
-        p = make_plan(model, strategy, budget, budget_rank=budget_rank, targets=targets, model_name=model_name,
-                      progress=progress, **hparams)
+        p = make_plan(model if measure is None else measure, strategy, budget, budget_rank=budget_rank,
+                      targets=targets, model_name=model_name, progress=progress, calibration=calibration, **hparams)
         return p, {"source": "strategy", "strategy": strategy}
     if rank is not None:
         p = _uniform(model, rank, targets, model_name)
@@ -105,6 +112,10 @@ def check_choice(*, plan=None, strategy=None, budget=None, budget_rank=None, pre
         raise RankwiseError(f"strategy options {sorted(hparams)} need --strategy")
     if strategy is not None and (budget is None) == (budget_rank is None):
         raise RankwiseError("--strategy needs exactly one of --budget (300k, 1.2M, 0.5%) or --budget-rank R")
+    if strategy is not None:  # an unknown strategy or a bad --set value fails now, not after the model loads
+        from ..allocators import check_strategy
+
+        check_strategy(strategy, hparams)
     if rank is not None and rank < 1:
         raise RankwiseError(f"--rank must be >= 1, got {rank}")
     if preset is not None:

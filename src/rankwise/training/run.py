@@ -32,7 +32,22 @@ from .prepare import (
     resolve_model_path,
     say,
 )
+from .quantize import count_params, model_memory, run_quantization
+from ..outputs import atomic_dir
+from .guards import check_finite_weights, run_warnings
 from .tasks import TruncationNotice, infer_task, load_model, load_tokenizer
+from .checkpoints import (
+    close_checkpoints,
+    curve_loss,
+    eval_curve,
+    keep_tracker_logs,
+    lr_curve,
+    process_dir,
+    run_settings,
+    start_checkpoints,
+    step_of,
+)
+from .options import TrainOptions, is_main_process, world_size
 
 __all__ = ["RESULTS_SCHEMA", "DEFAULT_LR", "train", "train_model", "versions", "peak_memory", "default_out"]
 
@@ -69,16 +84,39 @@ def default_out(model: str, task: str) -> Path:
     return Path("runs") / f"{Path(str(model)).name}-{task}-{stamp}"
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RankwiseError(f"output {out} already exists; choose another --out or pass --overwrite")
+def _check_out(out: Path, overwrite: bool, protected=()) -> None:
+    """--out may be written (see rankwise.outputs.check_out: never cwd, an ancestor, or the run's inputs)."""
+    from ..outputs import check_out
+
+    check_out(out, overwrite, protected=protected)
 
 
 def _finish(tmp: Path, out: Path) -> None:
     """Replace `out` with the finished temp folder, so a crash never leaves a half-written run."""
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
+    from ..outputs import replace_dir
+
+    replace_dir(tmp, out)
+
+
+def _check_numbers(**values) -> None:
+    """Every numeric argument finite and in range, before any data is read or model loaded (API and CLI alike)."""
+    from ..parsing import check_number
+
+    rules = {"epochs": dict(lo=0, lo_open=True), "lr": dict(lo=0, lo_open=True),
+             "batch_size": dict(lo=1, integer=True), "max_steps": dict(lo=1, integer=True),
+             "lora_alpha": dict(lo=0, lo_open=True), "lora_dropout": dict(lo=0, hi=1, hi_open=True),
+             "validation_split": dict(lo=0, hi=1, lo_open=True, hi_open=True),
+             "max_train_samples": dict(lo=1, integer=True), "max_eval_samples": dict(lo=1, integer=True),
+             "max_length": dict(lo=8, integer=True), "seed": dict(lo=0, hi=2**32 - 1, integer=True),
+             "budget_rank": dict(lo=1, integer=True), "rank": dict(lo=1, integer=True)}
+    for name, value in values.items():
+        check_number(f"--{name.replace('_', '-')}", value, **rules[name])
+
+
+def _absolute(model_path: str) -> str:
+    """A local model folder as an absolute path, so a run folder names its base wherever it is used from."""
+    p = Path(model_path)
+    return str(p.resolve()) if p.exists() else model_path
 
 
 def _head_modules(model) -> list[str]:
@@ -136,16 +174,35 @@ def train_model(
     rank: int | None = None,
     targets: str | Sequence[str] | None = None,
     strategy_options: dict | None = None,
+    calib_samples: int | None = None,
     method: str = "lora",
     method_options: dict | None = None,
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
     dora: bool = False,
     rslora: bool = False,
+    quantize: str | None = None,
+    quant_type: str | None = None,
+    double_quant: bool = False,
+    compute_dtype: str | None = None,
     epochs: float = 1.0,
     lr: float | None = None,
     batch_size: int = 16,
     max_steps: int | None = None,
+    grad_accum: int = 1,
+    warmup_ratio: float = 0.06,
+    weight_decay: float = 0.0,
+    scheduler: str = "linear",
+    bf16: bool = False,
+    fp16: bool = False,
+    save_steps: int | None = None,
+    save_total_limit: int | None = None,
+    eval_steps: int | None = None,
+    report_to: str | Sequence[str] | None = None,
+    train_args: dict | Sequence[str] | None = None,
+    resume: bool = False,
+    label_names: Sequence[str] | None = None,
+    drop_empty: bool = False,
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
@@ -153,46 +210,60 @@ def train_model(
     command: str | None = None,
 ) -> tuple[dict, object]:
     """`train`, also returning the trained PeftModel (in memory, eval mode) for callers that keep using it."""
-    if batch_size < 1 or epochs <= 0:
-        raise RankwiseError(f"--batch-size must be >= 1 and --epochs > 0, got {batch_size} and {epochs}")
+    settings = run_settings(locals())  # first: exactly the arguments, the fingerprint --resume checks
+    _check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, lora_alpha=lora_alpha,
+                   lora_dropout=lora_dropout, validation_split=validation_split, max_train_samples=max_train_samples,
+                   max_eval_samples=max_eval_samples, max_length=max_length, seed=seed, budget_rank=budget_rank,
+                   rank=rank)
     from ..methods import MethodContext, get_method
 
     the_method = get_method(method)
     choice = dict(plan=plan, strategy=strategy, budget=budget, budget_rank=budget_rank, preset=preset, rank=rank,
                   targets=targets)
     the_method.check(dict(method_options or {}), {**choice, "strategy_options": strategy_options})
+    quant = run_quantization(the_method, preset, quantize, quant_type, double_quant, compute_dtype)
     with quiet_libraries(progress):
         # 1. everything that can fail on bad input, before any minute is spent training
-        model_path = resolve_model_path(model)
+        model_path = _absolute(resolve_model_path(model))
         dev = pick_device(device)
+        opts = TrainOptions(grad_accum, warmup_ratio, weight_decay, scheduler, bf16, fp16, save_steps,
+                            save_total_limit, eval_steps, report_to, train_args or {}).check(dev)
         out = Path(out) if out is not None else default_out(model, task)
-        _check_out(out, overwrite)
+        _check_out(out, overwrite, [model_path, data, plan if isinstance(plan, (str, os.PathLike)) else None])
+        resume_from = start_checkpoints(out, settings, opts, the_method, resume=resume, overwrite=overwrite)
         s = _prepare(model_path, data, task, text_columns, label_column, validation_split, max_train_samples,
-                     max_eval_samples, max_length, seed)
+                     max_eval_samples, max_length, seed, label_names, drop_empty)
         # 2. the model with its head and the planned LoRA layers (seeded: the head and LoRA A are random)
         from transformers import set_seed
 
         set_seed(seed)
-        base = load_model(model_path, s["task"], s["info"])
+        base = load_model(model_path, s["task"], s["info"], quantization=quant, device=dev)
+        check_finite_weights(base, f"model {model_path}")
+        if quant is not None:
+            from .quantize import prepare
+
+            base = prepare(base)
         ctx = MethodContext(
             task=s["task"], model_name=str(model), model_path=model_path,
             lora_kwargs=_lora_kwargs(s["task"], base, model_path, lora_dropout),
-            choice={**choice, "strategy_options": strategy_options, "lora_alpha": lora_alpha, "dora": dora,
+            choice={**choice, "strategy_options": strategy_options, "calib_samples": calib_samples,
+                    "lora_alpha": lora_alpha, "dora": dora,
                     "rslora": rslora},
             options=dict(method_options or {}), progress=progress, seed=seed, train_dataset=s["train"],
-            collate=s["collate"])
+            collate=s["collate"], data=str(data), plan_source=model_path if quant is not None else None)
         built = the_method.build(base, ctx)
         peft_model, the_plan, adapter = built.model, built.plan, {"method": method, **built.info}
         # 3. train and evaluate inside a temp folder beside `out`, then rename it into place
         hparams = dict(epochs=epochs, lr=lr if lr is not None else DEFAULT_LR[s["task"]], batch_size=batch_size,
                        max_steps=max_steps, max_length=s["length"], lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                        dora=dora, rslora=rslora, max_train_samples=max_train_samples,
-                       max_eval_samples=max_eval_samples)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            evaluation, train_info, method_info = _fit(the_method, built, ctx, s, hparams, seed, dev, progress, tmp)
+                       max_eval_samples=max_eval_samples, **opts.to_dict(), label_names=label_names,
+                       drop_empty=drop_empty)
+        # the main process only (rank 0 under torchrun): removed on any failure, SIGTERM included; renamed onto
+        # `out` on success
+        with process_dir(out) as tmp:
+            evaluation, train_info, method_info = _fit(the_method, built, ctx, s, hparams, seed, dev, progress, tmp,
+                                                       opts=opts, resume_from=resume_from, out=out)
             results = {
                 "schema": RESULTS_SCHEMA,
                 "run_info": _run_info(model, model_path, s["task"], data, s["info"], adapter, the_plan, seed, dev,
@@ -200,13 +271,17 @@ def train_model(
                 "train_info": train_info,
                 "eval": evaluation,
             }
+            results["run_info"]["quantization"] = quant.to_dict() if quant is not None else None
             if method_info:
                 results["method_info"] = method_info
+            results["warnings"] = run_warnings(s["task"], s["info"], evaluation, train_info.get("train_loss"))
             _save(tmp, the_method, built, s["tokenizer"], results, model, model_path, s["task"], s["info"],
                   s["length"])
-            _finish(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not is_main_process():
+        return results, peft_model.eval()
+    close_checkpoints(out)  # the run folder is in place: its checkpoints are spent
+    for line in results["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)  # shown even with -q: a run that learned nothing must say so
     say(f"wrote {out}", progress)
     return results, peft_model.eval()
 
@@ -216,12 +291,12 @@ train.__signature__ = inspect.signature(train_model).replace(return_annotation="
 
 
 def _prepare(model_path, data, task, text_columns, label_column, validation_split, max_train_samples,
-             max_eval_samples, max_length, seed) -> dict:
+             max_eval_samples, max_length, seed, label_names=None, drop_empty=False) -> dict:
     """Read the data, decide the task and labels, and tokenize both splits."""
     from transformers import AutoConfig
 
     prepared = read_data(data, text_columns=text_columns, label_column=label_column,
-                         validation_split=validation_split, seed=seed)
+                         validation_split=validation_split, seed=seed, task=task, drop_empty=drop_empty)
     info = prepared.info
     try:
         config = AutoConfig.from_pretrained(model_path)
@@ -231,7 +306,9 @@ def _prepare(model_path, data, task, text_columns, label_column, validation_spli
     if task == "seq-cls":
         if info.kind != "table":
             raise RankwiseError("--task seq-cls needs a table with a label column, not plain text/instructions")
-        add_labels(prepared)
+        add_labels(prepared, label_names)
+    elif label_names:
+        raise RankwiseError(f"--label-names names classes; this run is {task} and has none")
     tokenizer = load_tokenizer(model_path)
     length = default_max_length(tokenizer, config, max_length)
     notice = TruncationNotice(length)
@@ -243,48 +320,70 @@ def _prepare(model_path, data, task, text_columns, label_column, validation_spli
             "eval": eval_ds, "collate": collator(task, tokenizer)}
 
 
-def _fit(method, built, ctx, s: dict, hp: dict, seed: int, dev: str, progress: bool,
-         tmp: Path) -> tuple[dict, dict, dict]:
-    """Trainer.train between two evaluations (causal LM: before and after). Returns (eval, train_info, method_info)."""
+def _fit(method, built, ctx, s: dict, hp: dict, seed: int, dev: str, progress: bool, tmp: Path, *,
+         opts: TrainOptions | None = None, resume_from: Path | None = None,
+         out: Path | None = None) -> tuple[dict, dict, dict]:
+    """Trainer.train between two evaluations (causal LM: before and after). Returns (eval, train_info, method_info).
+
+    With --save-steps, Trainer's output_dir is the checkpoint folder beside `out` (it outlives a kill);
+    `resume_from` is the checkpoint a --resume continues from."""
+    from .checkpoints import checkpoint_dir
+
+    opts = opts or TrainOptions()
+    progress = progress and is_main_process()  # one progress report per launch, not one per process
     peft_model = built.model
     task, train_ds, eval_ds = s["task"], s["train"], s["eval"]
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
+    total = count_params(peft_model)  # a 4-bit weight counts as its unquantised size
     where = f" in {len(built.plan.adapted)} layers" if built.plan is not None else ""
     say(f"training {trainable:,} of {total:,} parameters ({built.lora_params:,} {method.name}{where}) "
         f"on {len(train_ds):,} examples, {dev}", progress)
-    planned = hp["max_steps"] or math.ceil(math.ceil(len(train_ds) / hp["batch_size"]) * hp["epochs"])
-    trainer = make_trainer(peft_model, s["tokenizer"], task, s["info"].label_type, out_dir=str(tmp / "trainer"),
+    # as Trainer counts: batches are sharded over the processes, then grouped by accumulation
+    batches = math.ceil(math.ceil(len(train_ds) / hp["batch_size"]) / world_size())
+    planned = hp["max_steps"] or math.ceil(max(math.ceil(batches / opts.grad_accum), 1) * hp["epochs"])
+    trainer_dir = checkpoint_dir(out) if opts.save_steps and out is not None else tmp / "trainer"
+    trainer = make_trainer(peft_model, s["tokenizer"], task, s["info"].label_type, out_dir=str(trainer_dir),
                            train_ds=train_ds, eval_ds=eval_ds, lr=hp["lr"], epochs=hp["epochs"],
                            batch_size=hp["batch_size"], max_steps=hp["max_steps"], seed=seed, device=dev,
-                           progress=progress, logging_steps=max(1, planned // 25))
+                           progress=progress, logging_steps=max(1, planned // 25), options=opts)
     ctx.total_steps = planned
     for cb in method.callbacks(built, ctx):
         trainer.add_callback(cb)
-    if dev == "cuda":
+    from .guards import NonFiniteGuard
+
+    trainer.add_callback(NonFiniteGuard())  # a NaN loss stops the run (exit 1), no run folder
+    if dev.startswith("cuda"):
         import torch
 
         torch.cuda.reset_peak_memory_stats()
-    evaluation = {"split": "validation", "num_samples": len(eval_ds)}
+    evaluation = {"split": s["info"].eval_split, "num_samples": len(eval_ds)}
     if task == "causal-lm":  # the "does training help" baseline: the same eval before any step
         before = trainer.evaluate()
         evaluation["eval_loss_before"] = float(before["eval_loss"])
         evaluation["perplexity_before"] = _ppl(before["eval_loss"])
     start = time.perf_counter()
-    state = trainer.train()
+    if resume_from is not None:
+        say(f"resuming from {resume_from}", progress)
+    state = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     wall = time.perf_counter() - start
+    history = list(trainer.state.log_history)  # before the final evaluation appends its own entry
     metrics = clean_metrics(trainer.evaluate())
     if task == "causal-lm":
         metrics["perplexity"] = _ppl(metrics["eval_loss"])
     evaluation.update(metrics)
+    keep_tracker_logs(trainer_dir, tmp)
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     method_info = method.finish(built, ctx, tmp)  # raises when the method silently degraded
     train_info = {
         "trainable_params": trainable, "total_params": total, "lora_params": built.lora_params,
         "train_samples": len(train_ds), "steps": int(state.global_step), "epochs": hp["epochs"],
-        "train_loss": float(state.training_loss), "wall_time_s": round(wall, 3),
-        "peak_memory_bytes": peak_memory(dev), "loss_curve": _loss_curve(trainer.state.log_history),
+        "train_loss": curve_loss(_loss_curve(history), state.training_loss),
+        "wall_time_s": round(wall, 3),
+        "peak_memory_bytes": peak_memory("cuda" if dev.startswith("cuda") else dev),
+        "model_memory_bytes": model_memory(peft_model),
+        "loss_curve": _loss_curve(history), "lr_curve": lr_curve(history), "eval_curve": eval_curve(history),
+        "resumed_from_step": step_of(resume_from), "world_size": world_size(),
     }
     return evaluation, train_info, method_info
 
@@ -318,6 +417,6 @@ def _save(tmp: Path, method, built, tokenizer, results, model, model_path, task,
         built.plan.write_json(tmp / "plan.json")
     task_info = {"schema": 1, "task": task, "method": method.name, "base_model": str(model), "base_model_path": str(model_path),
                  "max_length": length, "prompt_template": "alpaca" if info.kind == "instruction" else None,
-                 "data": info.to_dict()}
+                 "data": info.to_dict(), "quantization": results["run_info"].get("quantization")}
     (tmp / "task.json").write_text(json.dumps(task_info, indent=2) + "\n")
     (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -11,36 +11,80 @@ from typing import Sequence
 
 from ..types import RankwiseError
 from .data import DataInfo
-from .prepare import clean_metrics, encode, make_trainer, pick_device, read_data, resolve_model_path, say
+from .prepare import (clean_metrics, encode, make_trainer, pick_device, quiet_libraries, read_data,
+                      resolve_model_path, say)
 from .tasks import format_prompt, load_model, load_tokenizer
 
-__all__ = ["load_run", "load_run_model", "evaluate_run", "merge_run", "predict"]
+__all__ = ["load_run", "load_run_model", "evaluate_run", "merge_run", "predict", "predict_with"]
 
 
 def load_run(run_dir: str | os.PathLike) -> dict:
     """task.json of a run folder, with a one-line error when the folder is not a rankwise run."""
     p = Path(run_dir)
-    if not (p / "task.json").is_file() or not (p / "adapter_config.json").is_file():
+    # adapter_config.json: peft methods; multirank_config.json: multi-rank (not a peft type, see docs/methods.md)
+    adapter = any((p / f).is_file() for f in ("adapter_config.json", "multirank_config.json"))
+    if not (p / "task.json").is_file() or not adapter:
         raise RankwiseError(f"{run_dir} is not a rankwise run folder (no task.json/adapter_config.json); "
                             "give the --out folder of `rankwise train`")
-    return json.loads((p / "task.json").read_text())
+    try:
+        task_info = json.loads((p / "task.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RankwiseError(f"{p / 'task.json'} is corrupt ({str(e).splitlines()[0][:120]}); re-run "
+                            "`rankwise train` for this folder") from None
+    missing = [k for k in ("task", "base_model", "base_model_path", "data") if not isinstance(task_info, dict)
+               or k not in task_info]
+    if missing:
+        raise RankwiseError(f"{p / 'task.json'} is corrupt (no {', '.join(missing)}); re-run `rankwise train`")
+    return task_info
 
 
 def _base_path(task_info: dict) -> str:
-    """The base model: its recorded folder when it still exists, else the name it was given (alias or hub id)."""
-    path = task_info["base_model_path"]
-    return path if Path(path).exists() else resolve_model_path(task_info["base_model"])
+    """The base model: its recorded folder when it still exists, else the alias or hub id it was given.
+
+    Runs record the absolute folder. A relative `base_model` is never re-resolved against the current directory
+    (that would silently load another model of the same name); a missing folder is an error naming it."""
+    from ..assets import MODEL_ALIASES
+
+    path, name = str(task_info["base_model_path"]), str(task_info["base_model"])
+    if Path(path).exists():
+        return path
+    if name in MODEL_ALIASES:
+        return resolve_model_path(name)
+    if path == name and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name  # a hub id: loading says whether it can be reached
+    raise RankwiseError(f"the run's base model {path} no longer exists; put it back, or retrain")
 
 
-def load_run_model(run_dir: str | os.PathLike, device: str = "cpu"):
-    """(PeftModel in eval mode, tokenizer, task.json dict, DataInfo) for a run folder."""
+def _restores_head(run_dir) -> bool:
+    """True when the run's adapter carries the task head (modules_to_save), so the base's missing head is expected."""
+    for name in ("adapter_config.json", "multirank_config.json"):
+        try:
+            cfg = json.loads((Path(run_dir) / name).read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(cfg, dict) and set(cfg.get("modules_to_save") or ()) & {"classifier", "score"}:
+            return True
+    return False
+
+
+def load_run_model(run_dir: str | os.PathLike, device: str = "cpu", full_precision: bool = False):
+    """(PeftModel in eval mode, tokenizer, task.json dict, DataInfo) for a run folder.
+
+    A QLoRA run's base model loads quantised as it was trained (so eval reproduces results.json), unless
+    `full_precision` (merge: the adapter is folded into the unquantised weights)."""
     from ..methods import method_of_run
+    from .quantize import QuantSpec
 
     task_info = load_run(run_dir)
     method = method_of_run(run_dir)
     info = DataInfo.from_dict(task_info["data"])
-    base = load_model(_base_path(task_info), task_info["task"], info)
-    model = method.load(base, run_dir).to(device).eval()
+    quant = None if full_precision else QuantSpec.from_dict(task_info.get("quantization"))
+    # The head is new to the base checkpoint but restored from the adapter: transformers' "newly initialized"
+    # report would be a false alarm here
+    with quiet_libraries(not _restores_head(run_dir)):
+        base = load_model(_base_path(task_info), task_info["task"], info, quantization=quant, device=device)
+    model = method.load(base, run_dir)
+    model = (model if quant is not None else model.to(device)).eval()  # quantised: loaded onto `device` already
     tokenizer = load_tokenizer(str(run_dir))
     return model, tokenizer, task_info, info
 
@@ -90,23 +134,19 @@ def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
               progress: bool = True) -> Path:
     """Fold the adapter into the base weights (`merge_and_unload`) and save a plain transformers model + tokenizer.
 
-    The merged folder loads with AutoModelFor...from_pretrained alone; task.json is copied for `rankwise predict`."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RankwiseError(f"output {out} already exists; choose another --out or pass --overwrite")
-    model, tokenizer, task_info, _ = load_run_model(run_dir)
+    The merged folder loads with AutoModelFor...from_pretrained alone; task.json is copied for `rankwise predict`.
+    A QLoRA run merges into the full-precision base model (never into 4-bit weights, which would round the update
+    away); task.json's "quantization" is kept as a record of how the adapter was trained."""
+    from ..outputs import atomic_dir, check_out
+
+    task_info = load_run(run_dir)
+    out = check_out(out, overwrite, protected=[run_dir, task_info.get("base_model_path")])
+    model, tokenizer, task_info, _ = load_run_model(run_dir, full_precision=True)  # QLoRA: full-precision base
     merged = model.merge_and_unload()
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         shutil.copy(Path(run_dir) / "task.json", tmp / "task.json")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     say(f"wrote merged model to {out}", progress)
     return out
 
@@ -116,8 +156,6 @@ def predict(run_dir: str | os.PathLike, texts: Sequence[str] | str, *, text_pair
     """Per text: {"label", "score"} (classes), {"score"} (regression), or {"text"} (generated by a causal LM).
 
     For instruction runs each text is the instruction and is wrapped in the training prompt template."""
-    import torch
-
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise RankwiseError("give at least one --text")
@@ -125,6 +163,16 @@ def predict(run_dir: str | os.PathLike, texts: Sequence[str] | str, *, text_pair
         raise RankwiseError(f"got {len(texts)} texts but {len(text_pairs)} text pairs; give one pair per text")
     dev = pick_device(device)
     model, tokenizer, task_info, info = load_run_model(run_dir, dev)
+    return predict_with(model, tokenizer, task_info, info, texts, text_pairs=text_pairs,
+                        max_new_tokens=max_new_tokens, device=dev)
+
+
+def predict_with(model, tokenizer, task_info: dict, info: DataInfo, texts: list[str], *,
+                 text_pairs: Sequence[str] | None = None, max_new_tokens: int = 64, device: str = "cpu") -> list[dict]:
+    """`predict` with a model already loaded (rankwise.adapters runs each of several adapters through it)."""
+    import torch
+
+    dev = device
     with torch.no_grad():
         if task_info["task"] == "causal-lm":
             return [_generate(model, tokenizer, t, task_info, max_new_tokens, dev) for t in texts]

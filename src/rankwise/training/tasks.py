@@ -8,8 +8,11 @@ text into blocks of `max_length` tokens (no padding waste, every token is a targ
 from __future__ import annotations
 
 import sys
+
+from safetensors import SafetensorError
+
 from ..types import RankwiseError
-from .data import DataInfo
+from .data import DataInfo, label_key
 
 __all__ = [
     "TASKS",
@@ -38,6 +41,8 @@ ALPACA_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "albert",
+                  "camembert", "mpnet", "ernie")
 
 
 def infer_task(task: str, kind: str, has_label: bool, config) -> str:
@@ -46,6 +51,7 @@ def infer_task(task: str, kind: str, has_label: bool, config) -> str:
         raise RankwiseError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
     if task == "auto":
         if kind in ("text", "instruction"):
+            _check_lm_head(config)
             return "causal-lm"
         if has_label:
             return "seq-cls"
@@ -57,7 +63,22 @@ def infer_task(task: str, kind: str, has_label: bool, config) -> str:
     if task == "seq-cls" and not has_label:
         raise RankwiseError("--task seq-cls needs a label column (label, labels, sentiment, score...); "
                             "name it with --label-column")
+    if task == "causal-lm":
+        _check_lm_head(config)
     return task
+
+
+def _check_lm_head(config) -> None:
+    """causal-lm needs a checkpoint with a trained language-modelling head: on an encoder (BERT, MiniLM) the head
+    would be new and random, and LoRA alone cannot learn it, so the run would finish having learned nothing."""
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
+        raise RankwiseError(f"--task causal-lm needs a model with a language-modelling head; this one is "
+                            f"{', '.join(archs)} ({getattr(config, 'model_type', '?')}), which has none; use a "
+                            "decoder such as smollm2, or --task seq-cls with a label column")
+    if not archs and getattr(config, "model_type", None) in _ENCODER_TYPES:
+        raise RankwiseError(f"--task causal-lm needs a model with a language-modelling head; "
+                            f"{config.model_type!r} is an encoder; use a decoder such as smollm2")
 
 
 def format_prompt(row: dict) -> str:
@@ -80,23 +101,46 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(path: str, task: str, info: DataInfo | None = None, dtype=None):
-    """The base model with the task's head; a classification head is told its labels and problem type."""
+def load_model(path: str, task: str, info: DataInfo | None = None, dtype=None, quantization=None,
+               device: str | None = None):
+    """The base model with the task's head; a classification head is told its labels and problem type.
+
+    `quantization` (a `quantize.QuantSpec`) loads the linear layers quantised by bitsandbytes onto `device`,
+    the heads kept in float (QLoRA); None loads full precision."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    if quantization is not None:
+        from .quantize import load_kwargs
+
+        kwargs.update(load_kwargs(quantization, path, task, device))
     try:
         if task == "causal-lm":
-            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        assert info is not None
-        problem = "regression" if info.label_type == "regression" else "single_label_classification"
-        id2label = info.id2label or {i: f"LABEL_{i}" for i in range(info.num_labels)}
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=info.num_labels, problem_type=problem, id2label=id2label,
-            label2id={v: k for k, v in id2label.items()}, **kwargs,
-        )
-    except (OSError, ValueError) as e:
-        raise RankwiseError(f"could not load model {path}: {str(e).splitlines()[0][:200]}") from None
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            assert info is not None
+            problem = "regression" if info.label_type == "regression" else "single_label_classification"
+            id2label = info.id2label or {i: f"LABEL_{i}" for i in range(info.num_labels)}
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=info.num_labels, problem_type=problem, id2label=id2label,
+                label2id={v: k for k, v in id2label.items()}, **kwargs,
+            )
+    except SafetensorError as e:  # truncated or corrupt weights file: bad input, one line
+        raise RankwiseError(f"model {path} has a corrupt or truncated safetensors file ({e}); re-download or "
+                            "re-save it") from None
+    except (OSError, ValueError, ImportError, RuntimeError, NotImplementedError, TypeError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if quantization is not None and not isinstance(e, OSError):
+            raise RankwiseError(f"bitsandbytes could not quantise {path} to {quantization.label}: {first}") from None
+        if not isinstance(e, (OSError, ValueError)):
+            raise
+        raise RankwiseError(f"could not load model {path}: {first}") from None
+    if quantization is not None:
+        from .quantize import check_quantized, same_kernels
+
+        check_quantized(model, quantization, path)
+        same_kernels(model)
+    return model
 
 
 def max_length_for(tokenizer, config, max_length: int | None, default: int = 512) -> int:
@@ -156,13 +200,23 @@ def encode_classification(ds, tokenizer, info: DataInfo, max_length: int, notice
 
 def _label_id(value, info: DataInfo):
     if info.label_type == "regression":
-        return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RankwiseError(f"label {value!r} is not a number, but the run is a regression (numeric "
+                                "labels)") from None
     if info.label2id is not None:
-        key = str(value)
+        key = str(value) if str(value) in info.label2id else label_key(value)  # 1.0 and "1" are class "1"
         if key not in info.label2id:
             raise RankwiseError(f"label {value!r} was not in the training labels {sorted(info.label2id)}")
         return info.label2id[key]
-    v = int(value)
+    try:
+        v = int(value)
+        if v != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise RankwiseError(f"label {value!r} is not an integer class id, but the run was trained on integer "
+                            f"labels 0..{info.num_labels - 1}; give data with the same labels") from None
     if not 0 <= v < info.num_labels:
         raise RankwiseError(f"label {v} is outside the trained classes 0..{info.num_labels - 1}")
     return v

@@ -1,0 +1,60 @@
+"""AdaLoRA's importance scores as pure tensor functions (no model, no state): the stepper composes them.
+
+For every entry w of P (lora_A), lambda (lora_E) and Q (lora_B):
+    sensitivity  I = |w * dL/dw|
+    smoothed     Ibar <- beta1 * Ibar + (1 - beta1) * I
+    uncertainty  U    <- beta2 * U + (1 - beta2) * |I - Ibar|        (with the Ibar just updated, as peft does)
+    score        s = Ibar * U
+A triplet (P row i, lambda_i, Q column i) scores s(lambda_i) + mean_j s(P_ij) + mean_o s(Q_oi).
+Masking keeps the best-scoring triplets that fit a budget: a count of triplets (`ranks`, the method's own unit) or
+trainable parameters (`params`: a triplet of an [out, in] layer costs in + out + 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["importance", "ema_update", "element_scores", "triplet_scores", "threshold", "mask"]
+
+
+def importance(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Sensitivity |theta * grad| of every entry."""
+    return (param.detach() * grad).abs_()
+
+
+def ema_update(avg_ipt: torch.Tensor, avg_unc: torch.Tensor, ipt: torch.Tensor, beta1: float, beta2: float) -> None:
+    """Update the smoothed sensitivity and the uncertainty in place (peft's order: uncertainty uses the new mean)."""
+    avg_ipt.mul_(beta1).add_(ipt, alpha=1 - beta1)
+    avg_unc.mul_(beta2).add_((ipt - avg_ipt).abs_(), alpha=1 - beta2)
+
+
+def element_scores(avg_ipt: torch.Tensor, avg_unc: torch.Tensor) -> torch.Tensor:
+    return avg_ipt * avg_unc
+
+
+def triplet_scores(scores: torch.Tensor, segment: torch.Tensor, weight: torch.Tensor, n_triplets: int) -> torch.Tensor:
+    """Per-triplet sums of `scores * weight` over a flat layout: `segment[k]` is the triplet entry k belongs to,
+    `weight[k]` 1 for lambda, 1/in for a P entry and 1/out for a Q entry (so the sums are the means)."""
+    return torch.zeros(n_triplets, dtype=scores.dtype, device=scores.device).index_add_(0, segment, scores * weight)
+
+
+def threshold(scores: torch.Tensor, budget: int, costs: torch.Tensor | None = None) -> float:
+    """The largest score that is pruned: keeping `scores > threshold` spends at most `budget`.
+
+    costs None (unit ranks): peft's rule, the (n - budget)-th smallest score. With costs (unit params): the
+    best-scoring triplets are kept in order while their cumulative cost fits the budget; the first one that does
+    not fit sets the threshold (ties with it are pruned too, so the budget is never exceeded). -inf keeps all."""
+    n = scores.numel()
+    if costs is None:
+        k = n - int(budget)
+        if k <= 0:
+            return float("-inf")
+        return float(torch.kthvalue(scores.float().cpu(), k).values) if k <= n else float("inf")
+    order = torch.argsort(scores, descending=True, stable=True)
+    fits = int((torch.cumsum(costs[order], 0) <= budget).sum())
+    return float("-inf") if fits == n else float(scores[order[fits]])
+
+
+def mask(scores: torch.Tensor, thresh: float) -> torch.Tensor:
+    """Triplets to keep: those scoring above the threshold (peft prunes `score <= threshold`)."""
+    return scores > thresh

@@ -1,0 +1,69 @@
+"""CLI glue for `rankwise sweep` and `rankwise report`: parse, call the API, print. No logic here."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+__all__ = ["register", "cmd_sweep", "cmd_report"]
+
+
+def _command_line() -> str:
+    return "rankwise " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    from .spec import load_experiment
+    from .sweep import format_dry_run, sweep
+
+    if args.dry_run:
+        exp = load_experiment(args.experiment)
+        print(format_dry_run(exp, Path(args.out)))
+        return 0
+    try:
+        s = sweep(args.experiment, args.out, jobs=args.jobs, launcher=args.launcher, address=args.address,
+                  progress=not args.quiet, command=_command_line())
+    except KeyboardInterrupt:
+        print(f"rankwise sweep: interrupted; finished runs are kept, re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    print(f"{s['total']} runs: {s['skipped']} already finished, {s['ran']} ran, {len(s['failed'])} failed "
+          f"-> {s['out']}", file=sys.stderr)
+    if s["failed"]:
+        print("failed (logs in OUT/logs; re-run to retry): " + ", ".join(s["failed"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import make_report
+
+    paths = make_report(args.sweep_dir, args.out, tolerance=args.tolerance, figures=not args.no_figures,
+                        command=_command_line())
+    for p in paths:
+        print(p)
+    return 0
+
+
+def register(sub) -> None:
+    """Add the sweep and report subcommands to an argparse subparsers object."""
+    p = sub.add_parser("sweep", help="run an experiment grid (YAML): one `rankwise train` per cell, resumable")
+    p.add_argument("experiment", help="experiment file (YAML; see docs/sweep.md)")
+    p.add_argument("--out", "-o", required=True, help="sweep folder (re-running resumes it)")
+    p.add_argument("--jobs", "-j", type=int, default=None,
+                   help="runs at a time (local: default 1; ray: default as many as the cluster places)")
+    p.add_argument("--dry-run", action="store_true", help="list every run and the LoRA parameters it will spend")
+    p.add_argument("--launcher", choices=("local", "ray"), default="local")
+    p.add_argument("--address", help="ray: cluster address (host:port or auto); default starts a local instance")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables (Markdown, LaTeX) and figures from a sweep folder's results")
+    p.add_argument("sweep_dir", help="the --out folder of `rankwise sweep` (or any folder of run folders)")
+    p.add_argument("--out", "-o", required=True, help="report folder")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="largest relative budget difference compared (default 0.02 = 2%%)")
+    p.add_argument("--no-figures", action="store_true", help="tables only (no matplotlib needed)")
+    p.set_defaults(func=cmd_report)

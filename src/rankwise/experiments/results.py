@@ -1,0 +1,160 @@
+"""Read and validate the files a sweep leaves: each run's results.json, the sweep's sweep.json manifest.
+
+A run counts as finished only when its results.json is complete (schema, run_info, train_info with lora_params,
+eval); anything else is a run to redo. Writes go through `write_json_atomic` (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..types import RankwiseError
+
+__all__ = ["RunResult", "write_json_atomic", "load_results", "is_finished", "read_manifest", "collect",
+           "MANIFEST", "RUNS_DIR"]
+
+MANIFEST = "sweep.json"
+RUNS_DIR = "runs"
+_SCHEMA = 1
+_TRAIN_KEYS = ("lora_params", "trainable_params", "wall_time_s", "peak_memory_bytes")
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """Write JSON so that a reader (or a kill) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """A run's results.json (a run folder or the file itself), checked; RankwiseError names what is missing."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise RankwiseError(f"{p} does not exist")
+    try:
+        r = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RankwiseError(f"{p} is not valid JSON ({e})") from None
+    if not isinstance(r, dict):
+        raise RankwiseError(f"{p} is not a results object")
+    if r.get("schema") != _SCHEMA:
+        raise RankwiseError(f"{p} has results schema {r.get('schema')!r}; this rankwise reads schema {_SCHEMA}")
+    for key in ("run_info", "train_info", "eval"):
+        if not isinstance(r.get(key), dict):
+            raise RankwiseError(f"{p} has no {key} section")
+    missing = [k for k in _TRAIN_KEYS if k not in r["train_info"]]
+    if missing:
+        raise RankwiseError(f"{p} train_info lacks {', '.join(missing)}")
+    if not isinstance(r["train_info"]["lora_params"], int) or r["train_info"]["lora_params"] <= 0:
+        raise RankwiseError(f"{p} train_info.lora_params must be a positive integer")
+    return r
+
+
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    try:
+        load_results(run_dir)
+        return True
+    except RankwiseError:
+        return False
+
+
+def read_manifest(sweep_dir: str | os.PathLike) -> dict | None:
+    p = Path(sweep_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise RankwiseError(f"{p} is not valid JSON ({e})") from None
+    if not isinstance(m, dict) or not isinstance(m.get("runs"), list):
+        raise RankwiseError(f"{p} is not a sweep manifest (no runs list)")
+    return m
+
+
+@dataclass
+class RunResult:
+    """One finished run, as the report sees it."""
+
+    id: str
+    dir: Path
+    task: str
+    label: str  # method/strategy label in the grid
+    budget: str  # budget label: r4, b300k
+    seed: int
+    results: dict = field(repr=False)
+
+    @property
+    def lora_params(self) -> int:
+        return int(self.results["train_info"]["lora_params"])
+
+    @property
+    def eval(self) -> dict:
+        return self.results["eval"]
+
+    @property
+    def train_info(self) -> dict:
+        return self.results["train_info"]
+
+    @property
+    def run_info(self) -> dict:
+        return self.results["run_info"]
+
+
+def _label_of(r: dict) -> str:
+    info = r["run_info"]
+    method = info.get("method", "lora")
+    return str(info.get("strategy") or "lora") if method == "lora" else str(method)
+
+
+def _budget_of(r: dict) -> str:
+    spec = str((r["run_info"].get("budget") or {}).get("spec", "")) or "?"
+    return f"r{spec.split()[-1]}" if spec.startswith("rank ") else f"b{spec}"
+
+
+def collect(sweep_dir: str | os.PathLike) -> tuple[list[RunResult], list[str]]:
+    """Every finished run of a sweep folder, and notes about what was left out (unfinished, not in the grid).
+
+    With a sweep.json, its runs (the current grid) are read and labelled as the grid names them; without one,
+    every results.json below the folder is read and labelled from its run_info."""
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise RankwiseError(f"{root} is not a folder")
+    manifest = read_manifest(root)
+    found, notes = [], []
+    if manifest is not None:
+        for row in manifest["runs"]:
+            d = root / RUNS_DIR / row["id"]
+            try:
+                r = load_results(d)
+            except RankwiseError:
+                notes.append(f"{row['id']}: not finished (no complete results.json)")
+                continue
+            b = row["budget"]
+            found.append(RunResult(row["id"], d, row["task"], row["label"],
+                                   f"r{b}" if isinstance(b, int) else f"b{b}", int(row["seed"]), r))
+        listed = {row["id"] for row in manifest["runs"]}
+        extra = [p.parent.name for p in (root / RUNS_DIR).glob("*/results.json") if p.parent.name not in listed]
+        if extra:
+            notes.append(f"{len(extra)} run folders are not in the current grid and were ignored: "
+                         f"{', '.join(sorted(extra)[:5])}{' ...' if len(extra) > 5 else ''}")
+        return found, notes
+    for p in sorted(root.rglob("results.json")):
+        try:
+            r = load_results(p)
+        except RankwiseError as e:
+            notes.append(str(e))
+            continue
+        task = Path(str(r["run_info"].get("data", "data"))).name or "data"
+        found.append(RunResult(p.parent.name, p.parent, task, _label_of(r), _budget_of(r),
+                               int(r["run_info"].get("seed", 0)), r))
+    if not found and not notes:
+        raise RankwiseError(f"{root} holds no results.json (give the --out folder of `rankwise sweep`)")
+    return found, notes

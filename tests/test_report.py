@@ -1,0 +1,138 @@
+"""`rankwise report` on synthetic results.json files: numbers checked against numpy/scipy computed here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from rankwise.cli import main
+from rankwise.experiments.report import build_cells, paired_t, summarize
+from rankwise.experiments.results import collect
+
+SEEDS = [0, 1, 2, 3]
+# metric per (method, seed): "good" beats uniform by ~0.05 on every seed; "noisy" is better on average, not reliably
+VALUES = {
+    "uniform": [0.70, 0.72, 0.69, 0.71],
+    "good": [0.75, 0.78, 0.73, 0.77],
+    "noisy": [0.80, 0.64, 0.77, 0.70],
+    "costly": [0.90, 0.91, 0.92, 0.93],  # spends 5% more parameters: must not be compared
+}
+PARAMS = {"uniform": 10_000, "good": 9_950, "noisy": 10_000, "costly": 10_500}
+
+
+def _results(method: str, seed: int, value: float) -> dict:
+    return {
+        "schema": 1,
+        "run_info": {"model": "tiny", "task": "seq-cls", "data": "/data/toy", "method": "lora", "strategy": method,
+                     "budget": {"params": 10_000, "spec": "rank 4"}, "seed": seed, "device": "cpu",
+                     "versions": {"rankwise": "0.1.0", "torch": "x"}, "command": f"rankwise train ... --seed {seed}"},
+        "train_info": {"lora_params": PARAMS[method], "trainable_params": PARAMS[method] + 10,
+                       "wall_time_s": 10.0 + seed, "peak_memory_bytes": (100 + seed) * 2**20,
+                       "loss_curve": [{"step": s, "loss": 1.0 / (s + seed + 1)} for s in range(1, 6)]},
+        "eval": {"eval_accuracy": value, "eval_mcc": value - 0.5},
+    }
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    root = tmp_path / "sweep"
+    runs = []
+    for method, values in VALUES.items():
+        for seed, v in zip(SEEDS, values):
+            rid = f"toy-{method}-r4-s{seed}-abcd1234"
+            d = root / "runs" / rid
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(_results(method, seed, v)))
+            runs.append({"id": rid, "task": "toy", "label": method, "budget": 4, "seed": seed})
+    (root / "sweep.json").write_text(json.dumps({
+        "schema": 1, "command": "rankwise sweep exp.yaml --out sweep", "host": "test host",
+        "experiment": {"name": "synthetic", "metrics": {"toy": "eval_accuracy"}},
+        "experiment_text": "name: synthetic\n", "runs": runs}))
+    return root
+
+
+def test_summary_and_paired_t_match_numpy_and_scipy():
+    a, b = VALUES["good"], VALUES["uniform"]
+    mean, std, n = summarize(a)
+    assert n == 4 and mean == pytest.approx(np.mean(a)) and std == pytest.approx(np.std(a, ddof=1))
+    got = paired_t(a, b)
+    d = np.subtract(a, b)
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    assert got["diff"] == pytest.approx(d.mean())
+    assert (got["lo"], got["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert got["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    # one pair: no interval, no test
+    one = paired_t([1.0], [0.5])
+    assert one["diff"] == 0.5 and math.isnan(one["lo"]) and math.isnan(one["p"])
+
+
+def test_cells_compare_within_tolerance_and_bold_only_when_interval_excludes_zero(sweep_dir):
+    runs, notes = collect(sweep_dir)
+    assert len(runs) == 16 and notes == []
+    cells = {c.label: c for c in build_cells(runs, {"toy": "eval_accuracy"}, tolerance=0.02)}
+    assert cells["uniform"].cmp is None and cells["uniform"].refused == ""
+    # 9,950 vs 10,000 is -0.5%: compared; 10,500 is +5%: refused, with both numbers named
+    assert cells["good"].cmp is not None
+    assert cells["costly"].cmp is None
+    assert "10,500" in cells["costly"].refused and "10,000" in cells["costly"].refused
+    assert cells["good"].bold and not cells["noisy"].bold and not cells["costly"].bold
+    noisy = np.subtract(VALUES["noisy"], VALUES["uniform"])
+    assert cells["noisy"].cmp["lo"] < 0 < cells["noisy"].cmp["hi"]
+    assert cells["noisy"].cmp["p"] == pytest.approx(stats.ttest_rel(VALUES["noisy"], VALUES["uniform"]).pvalue)
+    assert cells["noisy"].cmp["diff"] == pytest.approx(noisy.mean())
+    # a looser tolerance lets the costly method in
+    loose = {c.label: c for c in build_cells(runs, {"toy": "eval_accuracy"}, tolerance=0.06)}
+    assert loose["costly"].cmp is not None and loose["costly"].bold
+
+
+def test_report_regenerates_from_result_files_alone(sweep_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report"
+    assert main(["report", str(sweep_dir), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    tex = (out / "tables.tex").read_text()
+    # hand-computed numbers appear in both tables
+    good = f"{np.mean(VALUES['good']):.4f} ± {np.std(VALUES['good'], ddof=1):.4f}"
+    assert f"**{good}**" in md
+    tex_good = good.replace("±", "$\\pm$")
+    assert "\\textbf{" + tex_good + "}" in tex
+    for s in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert s in tex
+    assert "costly" in md.split("## Not compared")[1]
+    # each cell traces to its run folders; environment and commands are stated
+    assert "runs/toy-good-r4-s3-abcd1234" in md and "rankwise sweep exp.yaml --out sweep" in md
+    assert "test host" in md and "torch x" in md
+    figs = sorted(p.name for p in (out / "figures").iterdir())
+    assert len([f for f in figs if f.endswith(".png")]) >= 2 and len([f for f in figs if f.endswith(".pdf")]) >= 2
+    cells = json.loads((out / "cells.json").read_text())
+    good_cell = next(c for c in cells if c["method"] == "good")
+    assert good_cell["values"] == VALUES["good"] and len(good_cell["runs"]) == 4
+    # the same input gives the same tables
+    before = tex
+    assert main(["report", str(sweep_dir), "--out", str(tmp_path / "again"), "--no-figures"]) == 0
+    assert (tmp_path / "again" / "tables.tex").read_text() == before
+
+
+def test_report_without_manifest_and_unfinished_runs(sweep_dir, tmp_path):
+    (sweep_dir / "sweep.json").unlink()
+    bad = sweep_dir / "runs" / "broken"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    runs, notes = collect(sweep_dir)
+    assert len(runs) == 16 and any("not valid JSON" in n for n in notes)
+    assert {r.label for r in runs} == set(VALUES) and {r.budget for r in runs} == {"r4"}
+    # runs labelled from run_info; the task is the data folder's name
+    assert {r.task for r in runs} == {"toy"}
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a folder" in err[0]
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "no results.json" in capsys.readouterr().err

