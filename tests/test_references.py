@@ -122,6 +122,24 @@ def test_cli_merged_logits_equal_adapter_logits(trained, tiny_bert_dir, tmp_path
     assert torch.allclose(_logits(adapter, tok, texts), _logits(merged, tok, texts), atol=1e-5)
 
 
+def test_cli_predict_equals_plain_peft_softmax(trained, tiny_bert_dir, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rankwise.cli import main
+
+    run, _ = trained
+    texts = ["good movie", "the plot was awful"]
+    argv = ["predict", str(run), "--device", "cpu"] + [a for t in texts for a in ("--text", t)]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tok = AutoTokenizer.from_pretrained(run)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    probs = _logits(PeftModel.from_pretrained(base, str(run)).eval(), tok, texts).softmax(-1)
+    for row, p in zip(rows, probs):
+        assert row["label"] == str(int(p.argmax())) and row["score"] == pytest.approx(float(p.max()), abs=1e-5)
+
+
 def test_cli_eval_reproduces_results_json(trained, capsys):
     from rankwise.cli import main
 

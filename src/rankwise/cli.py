@@ -147,7 +147,8 @@ def cmd_plan(args) -> int:
     if args.out:
         from .outputs import check_out
 
-        check_out(args.out, args.overwrite, protected=[args.model])
+        check_out(args.out, args.overwrite,
+                  protected=[args.model, getattr(args, "from_run", None), getattr(args, "data", None)])
     stats = None
     if args.from_run:
         from .methods.discovery import discovered_stats

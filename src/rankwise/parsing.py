@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from typing import Sequence
 
 from .types import RankwiseError
@@ -24,6 +25,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (`rankwise train: error: ...`) plus a pointer to --help."""
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
+        message = re.sub(r"^argument ([^:]+): must ", r"\1 must ", message)  # "--lr must be > 0, got -1"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -12,7 +12,7 @@ __all__ = ["layers_of", "model_params", "targets_spec"]
 
 def targets_spec(targets):
     """An experiment's `targets` setting (string or list) -> the select_layers spec `rankwise train` builds."""
-    from ..cli import parse_targets
+    from ..parsing import parse_targets
 
     if targets is None:
         return None
