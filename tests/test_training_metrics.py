@@ -17,7 +17,10 @@ from rankwise.types import RankwiseError
 def test_binary_metrics():
     logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
     m = classification_metrics(logits, np.array([0, 1, 0, 0]))
-    assert m["accuracy"] == 0.75 and m["f1"] == pytest.approx(2 / 3) and set(m) == {"accuracy", "f1", "mcc"}
+    assert m["accuracy"] == 0.75 and m["f1"] == pytest.approx(2 / 3)
+    # predictions 0,1,1,0 use both classes; labels 0,1,0,0 hold both classes (the collapse check reads these)
+    assert set(m) == {"accuracy", "f1", "mcc", "predicted_classes", "label_classes"}
+    assert m["predicted_classes"] == 2 and m["label_classes"] == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert classification_metrics(logits[:1], np.array([0]))["mcc"] == 0.0  # one class: no warning
