@@ -13,8 +13,8 @@ from typing import Sequence
 from ..stats.calibration import Calibration
 from ..types import RankwiseError
 from .data import DataInfo, _load_file, _split_files, _split_off, detect_columns, label_info, load_splits
-from .prepare import default_max_length, encode, quiet_libraries, resolve_model_path
-from .tasks import collator, infer_task, load_model, load_tokenizer
+from .prepare import decide_task, default_max_length, encode, quiet_libraries, resolve_model_path
+from .tasks import collator, load_model, load_tokenizer
 
 __all__ = ["load_train_split", "calibration_from_data", "DEFAULT_CALIB_SAMPLES"]
 
@@ -52,7 +52,7 @@ def calibration_from_data(
     progress: bool = True,
 ) -> Calibration:
     """A Calibration over `samples` training examples of `data`, with the task-head model `train` would build."""
-    from transformers import AutoConfig, set_seed
+    from transformers import set_seed
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise RankwiseError(f"--calib-samples must be a positive integer, got {samples!r}")
@@ -64,14 +64,8 @@ def calibration_from_data(
         else:
             kind, texts, label = detect_columns(train.column_names, text_columns, label_column)
             info = DataInfo(source=str(data), kind=kind, text_columns=texts, label_column=label)
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise RankwiseError(f"could not load model {path}: {str(e).splitlines()[0][:200]}") from None
-        task = infer_task(task, info.kind, info.label_column is not None, config)
+        task, config = decide_task(path, info, task)
         if task == "seq-cls":
-            if info.kind != "table":
-                raise RankwiseError("--task seq-cls needs a table with a label column")
             li = label_info({"train": train}, info.label_column)
             info.label_type, info.num_labels = li["label_type"], li["num_labels"]
             info.id2label, info.label2id = li["id2label"], li.get("label2id")

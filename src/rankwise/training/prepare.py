@@ -24,7 +24,7 @@ from .tasks import (
     max_length_for,
 )
 
-__all__ = ["Prepared", "resolve_model_path", "pick_device", "read_data", "add_labels", "encode",
+__all__ = ["Prepared", "decide_task", "resolve_model_path", "pick_device", "read_data", "add_labels", "encode",
            "default_max_length", "make_trainer", "quiet_trainer", "clean_metrics", "quiet_libraries", "say"]
 
 _DEFAULT_MAX_LENGTH = 512  # the model's own limit may be 8k+: packing blocks that long is rarely wanted on CPU
@@ -110,6 +110,22 @@ def add_labels(prepared: Prepared, label_names: Sequence[str] | None = None) -> 
     prepared.info.num_labels = li["num_labels"]
     prepared.info.id2label = li["id2label"]
     prepared.info.label2id = li.get("label2id")
+
+
+def decide_task(model_path: str, info: DataInfo, task: str):
+    """(task, model config): `task` ("auto" too) checked against the data and the model; one line on a mismatch."""
+    from transformers import AutoConfig
+
+    from .tasks import infer_task
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise RankwiseError(f"could not load model {model_path}: {str(e).splitlines()[0][:200]}") from None
+    task = infer_task(task, info.kind, info.label_column is not None, config)
+    if task == "seq-cls" and info.kind != "table":
+        raise RankwiseError("--task seq-cls needs a table with a label column, not plain text/instructions")
+    return task, config
 
 
 def default_max_length(tokenizer, config, max_length: int | None) -> int:

@@ -23,6 +23,7 @@ from ..types import RankwiseError
 from .prepare import (
     add_labels,
     clean_metrics,
+    decide_task,
     default_max_length,
     encode,
     make_trainer,
@@ -35,7 +36,7 @@ from .prepare import (
 from .quantize import count_params, model_memory, run_quantization
 from ..outputs import atomic_dir
 from .guards import check_finite_weights, run_warnings
-from .tasks import TruncationNotice, infer_task, load_model, load_tokenizer
+from .tasks import TruncationNotice, load_model, load_tokenizer
 from .checkpoints import (
     close_checkpoints,
     curve_loss,
@@ -293,19 +294,11 @@ train.__signature__ = inspect.signature(train_model).replace(return_annotation="
 def _prepare(model_path, data, task, text_columns, label_column, validation_split, max_train_samples,
              max_eval_samples, max_length, seed, label_names=None, drop_empty=False) -> dict:
     """Read the data, decide the task and labels, and tokenize both splits."""
-    from transformers import AutoConfig
-
     prepared = read_data(data, text_columns=text_columns, label_column=label_column,
                          validation_split=validation_split, seed=seed, task=task, drop_empty=drop_empty)
     info = prepared.info
-    try:
-        config = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
-        raise RankwiseError(f"could not load model {model_path}: {str(e).splitlines()[0][:200]}") from None
-    task = infer_task(task, info.kind, info.label_column is not None, config)
+    task, config = decide_task(model_path, info, task)
     if task == "seq-cls":
-        if info.kind != "table":
-            raise RankwiseError("--task seq-cls needs a table with a label column, not plain text/instructions")
         add_labels(prepared, label_names)
     elif label_names:
         raise RankwiseError(f"--label-names names classes; this run is {task} and has none")
