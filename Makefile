@@ -38,8 +38,11 @@ demo: install
 	@echo "    source $(VENV)/bin/activate && rankwise --help"
 	@echo "or call it by path:  $(VENV)/bin/rankwise --help   (README.md, Quick start)"
 
+# The suite is mostly subprocesses and small trainings: one worker per core, one thread each (TEST_JOBS=0: no
+# workers, one process).
+TEST_JOBS ?= 2
 test: install-dev
-	$(PY) -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(TEST_JOBS) --dist worksteal
 
 bench: install-dev
 	$(PIP) install -q "weightwatcher==0.7.7"

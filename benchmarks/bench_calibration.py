@@ -1,9 +1,11 @@
 """Calibration cost on MiniLM + SST-2: activations, gradients and both, as a ratio of one training epoch.
 
 In one process, interleaved, `--repeats` times (medians reported):
-  act    calibrate(activations only): forward hooks, float64 input Gram per layer, spectra
-  grad   calibrate(gradients only): forward + one backward per batch (dL/dW of every target weight)
-  both   calibrate(both, one pass): what `plan --data` / `train --strategy gradient|eva|activation` run
+  act    calibrate(activations only): forward hooks, float64 input Gram per layer, spectra; what
+         `plan --data` / `train --strategy activation|eva` run
+  grad   calibrate(gradients only): forward + one backward per batch (dL/dW of every target weight); what
+         `--strategy gradient` runs
+  both   calibrate(both, one pass): what `rankwise analyze --data` runs
   steps  `--steps` optimizer steps of the Trainer that `rankwise train` builds (training/run.py's _prepare,
          load_model, the lora method, make_trainer: preset balanced, batch 16, lr 2e-3) on the 3,000-example
          epoch; timed step to step with a callback (model/Trainer setup and the first step excluded), then

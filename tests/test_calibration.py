@@ -222,6 +222,9 @@ def test_plan_reads_only_the_training_split(tmp_path, tiny_bert_dir, capsys):
     cal = plan["calibration"]
     assert (cal["split"], cal["samples"], cal["examples"], cal["seed"], cal["task"]) == ("train", 8, 8, 0, "seq-cls")
     assert all("grad_sensitivity" in row["metrics"] for row in plan["layers"])
+    # gradient reads only gradient metrics: the forward-only activation statistics are not measured
+    assert (cal["gradients"], cal["activations"]) == (True, False)
+    assert not any("act_effective_rank" in row["metrics"] for row in plan["layers"])
     assert plan["spent"] <= 3000 and len({row["rank"] for row in plan["layers"]}) > 1
 
 
@@ -257,6 +260,7 @@ def test_train_calibrates_on_train_rows_only(tmp_path, tiny_bert_dir, monkeypatc
     assert not any(int(t) in zebra for t in ids)
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["strategy"] == "eva" and plan["calibration"]["examples"] == 16
+    assert (plan["calibration"]["activations"], plan["calibration"]["gradients"]) == (True, False)  # no backward
     assert plan["calibration"]["data"] == str(d) and results["eval"]["num_samples"] == 8
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import minilm_path
+from conftest import minilm_path, missing
 from rankwise.cli import main
 
 # module -> (rank, alpha); peft's scale alpha/r is 2 everywhere except v_proj (5): one folded layer
@@ -59,7 +59,7 @@ def _make_run(root, cls="Llama"):
 
     tok = minilm_path()
     if tok is None:
-        pytest.skip("MiniLM not installed (its tokenizer serves the tiny models): make install")
+        missing("MiniLM not installed (its tokenizer serves the tiny models): make install")
     base = _save_llama(root / f"tiny-{cls.lower()}", tok, cls)
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=list(PATTERN), task_type="CAUSAL_LM",
                      rank_pattern={k: r for k, (r, _) in PATTERN.items()},

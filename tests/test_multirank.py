@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import minilm_path, tiny_bert, tiny_gpt2
+from conftest import minilm_path, missing, tiny_bert, tiny_gpt2
 from rankwise.cli import main
 from rankwise.tuners.multirank import MultiRankConfig, MultiRankLinear, get_multirank_model, load_multirank
 from rankwise.types import RankwiseError
@@ -251,7 +251,7 @@ def trained(tmp_path_factory):
     """One short multirank training run through the CLI on a tiny BERT with MiniLM's tokenizer."""
     tok = minilm_path()
     if tok is None:
-        pytest.skip("MiniLM not installed (its tokenizer files are needed): make install")
+        missing("MiniLM not installed (its tokenizer files are needed): make install")
     root = tmp_path_factory.mktemp("multirank")
     base = save_tiny_bert(root / "tiny", tok)
     data = write_csv(root / "d.csv", ["text", "label"], [[t, y] for t, y in sentences(32)])

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 import torch
+from conftest import require
 
-pytest.importorskip("bitsandbytes", reason="QLoRA tests need bitsandbytes: pip install -e '.[qlora]'")
+require("bitsandbytes", "QLoRA tests need bitsandbytes: pip install -e '.[qlora]'")
 
 from rankwise.training import evaluate_run, merge_run  # noqa: E402
 from rankwise.training.quantize import check_quantized, quant_spec  # noqa: E402
@@ -188,3 +189,23 @@ def test_cli_flags_reach_the_run(tmp_path, tiny_bert_dir, capsys):
     assert code == 0, capsys.readouterr().err
     q = json.loads((tmp_path / "run" / "results.json").read_text())["run_info"]["quantization"]
     assert (q["quant_type"], q["compute_dtype"]) == ("fp4", "bfloat16")
+
+
+def test_heads_found_by_structure_not_by_name():
+    """Heads kept in float are the children outside the backbone plus the output embeddings: BART's
+    `classification_head` is found although no head list names it; BERT keeps its pooler; Llama its lm_head."""
+    from transformers import (BartConfig, BartForSequenceClassification, BertConfig, BertForSequenceClassification,
+                              LlamaConfig, LlamaForCausalLM)
+
+    from rankwise.training.quantize import head_modules
+
+    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    with torch.device("meta"):
+        bert = BertForSequenceClassification(BertConfig(num_hidden_layers=1, **small))
+        bart = BartForSequenceClassification(BartConfig(
+            d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100))
+        llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, **small))
+    assert head_modules(bert) == ["classifier", "bert.pooler"]
+    assert head_modules(bart) == ["classification_head"]
+    assert head_modules(llama) == ["lm_head"]

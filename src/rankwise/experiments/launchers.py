@@ -134,6 +134,10 @@ class RayLauncher:
 
         started_here = not ray.is_initialized()
         if started_here:
+            if self.address is None:
+                # A local instance's workers run at niceness 15 by default (Ray treats them as background work);
+                # here they are the work, and at 15 any other process on the machine starves the trainings.
+                os.environ.setdefault("RAY_worker_niceness", "0")
             # address None starts a local instance; "auto" or host:port joins an existing cluster
             ray.init(address=self.address, log_to_driver=False, include_dashboard=False)
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0)(execute_run)

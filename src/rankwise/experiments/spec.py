@@ -36,7 +36,8 @@ RESOURCE_KEYS = ("num_cpus", "num_gpus")
 # `rankwise train` settings an experiment may set (base or per task); each becomes --key-with-dashes.
 SETTINGS = ("model", "data", "task", "text_columns", "label_column", "validation_split", "max_train_samples",
             "max_eval_samples", "max_length", "targets", "lora_alpha", "lora_dropout", "dora", "rslora", "epochs",
-            "lr", "batch_size", "max_steps", "device")
+            "lr", "batch_size", "max_steps", "device", "warmup_ratio", "weight_decay", "scheduler", "grad_accum",
+            "train_args")  # train_args: {key: value} -> --train-arg key=value (any TrainingArguments field)
 _TASK_ONLY = ("metric",)  # read by the report (the task's headline metric), never passed to train
 _COMMON_RANK = ("min_rank", "max_rank", "rank_step")  # passed as strategy options through --set
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -105,6 +106,10 @@ def _hashed(written: dict) -> dict:
 
 
 def _flag(key: str, value) -> list[str]:
+    if key == "train_args":
+        if not isinstance(value, dict):
+            raise RankwiseError(f"train_args must be a mapping of TrainingArguments fields, got {value!r}")
+        return [a for k, v in value.items() for a in ("--train-arg", f"{k}={_set_value(v)}")]
     flag = "--" + key.replace("_", "-")
     if isinstance(value, bool):
         return [flag] if value else []
@@ -132,13 +137,20 @@ class Experiment:
     text: str = ""
 
     def runs(self) -> list[Run]:
-        """Every cell, in file order: tasks x methods x budgets x seeds. Ids hash the cell as written."""
+        """Every cell: tasks x seeds x budgets x methods, tasks in file order. Ids hash the cell as written.
+
+        Seeds and budgets run outside methods so that a sweep stopped part-way has already finished every method
+        of the first seeds: its partial results are paired comparisons, not one method's seeds.
+        """
         out = []
         for task, written in self.tasks.items():
             resolved = resolve_settings(written, self.path.parent)
-            for e in self.entries:
-                for budget in (e.budgets if e.budgets is not None else self.budgets):
-                    for seed in self.seeds:
+            budgets = list(dict.fromkeys(b for e in self.entries for b in (e.budgets or self.budgets)))
+            for seed in self.seeds:
+                for budget in budgets:
+                    for e in self.entries:
+                        if budget not in (e.budgets if e.budgets is not None else self.budgets):
+                            continue
                         cell = {"task": task, "settings": _hashed(written), "entry": e.canonical(),
                                 "budget": budget, "seed": seed}
                         digest = hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:8]
@@ -312,6 +324,8 @@ def _tasks(raw, base: dict, folder: Path) -> tuple[dict, dict]:
         settings = _mapping(settings, w)
         _check_keys(settings, SETTINGS + _TASK_ONLY, w)
         merged = {**base, **settings}
+        if not isinstance(merged.get("train_args", {}), dict):
+            _fail(f"{w}.train_args", "must be a mapping of TrainingArguments fields, e.g. {logging_steps: 5}")
         for key in ("model", "data"):
             if merged.get(key) in (None, ""):
                 _fail(f"{w}.{key}", "missing (set it here or in base)")

@@ -9,8 +9,10 @@ training split), batch by batch, the model in eval mode (no dropout: the statist
 never updated, the global RNG left as it was (LoRA initialisation after calibration is unchanged):
 - forward hooks on each target layer see its input x and output y at every real token (padded positions,
   attention_mask == 0, are dropped): mean ||x||^2, mean ||y||^2 and the input Gram matrix sum x x^T, summed in
-  float64. Its eigenvalues (the uncentered input covariance; its eigenvectors are the right singular vectors of
-  the stacked activations, what EVA computes) give the effective rank and the explained-variance ratios.
+  float64 (float32 puts ~1e-7 * lambda_max of noise on the zero eigenvalues of a rank-deficient Gram, and their
+  square roots move the effective rank in the third digit). Its eigenvalues (the uncentered input covariance;
+  its eigenvectors are the right singular vectors of the stacked activations, what EVA computes) give the
+  effective rank and the explained-variance ratios.
 - one backward per batch of the model's own loss (labels of -100, and so padding, are ignored by it) gives
   dL/dW for each target weight; batch gradients are summed weighted by the batch's number of loss terms
   (examples, or target tokens for causal LM), so G is the gradient of the mean loss over the whole sample.
@@ -37,7 +39,7 @@ from ..types import LayerInfo, LayerStats, RankwiseError
 from .spectral import effective_rank
 
 __all__ = ["ACTIVATION_METRICS", "GRADIENT_METRICS", "DATA_METRICS", "EVR_PREFIX", "Calibration",
-           "CalibrationResult", "calibrate", "with_data_metrics", "evr_key", "is_data_metric", "batch_gram"]
+           "CalibrationResult", "calibrate", "with_data_metrics", "evr_key", "is_data_metric"]
 
 ACTIVATION_METRICS = ("act_in_norm2", "act_out_norm2", "act_effective_rank", "act_explained_topk")
 GRADIENT_METRICS = ("grad_norm", "grad_sensitivity", "grad_stable_rank")
@@ -112,9 +114,13 @@ def _pick(dataset, n: int, seed: int):
 
 
 def _batches(dataset, collate, batch_size: int, device):
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collate(rows)
+    """Batches of examples of similar length. Every statistic is a sum over examples (gradients weighted by their
+    loss terms), so the grouping changes no number; it only cuts the padded positions every batch computes."""
+    rows = [dataset[i] for i in range(len(dataset))]
+    if all("input_ids" in r for r in rows):
+        rows.sort(key=lambda r: len(r["input_ids"]))  # stable: ties keep the seeded order
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start:start + batch_size])
         yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(batch).items()}
 
 
@@ -129,27 +135,36 @@ def _loss_terms(labels: torch.Tensor | None) -> int:
 
 # ----- hooks --------------------------------------------------------------------------------------------------
 class _Acc:
-    """Running sums for one layer's activations (float64)."""
+    """Running sums for one layer's activations. On CPU the float64 Gram is a Fortran-order array that BLAS dsyrk
+    updates in place (G += x^T x, upper triangle only): half a matmul's flops and no separate pass to add a batch's
+    product (a float64 add of a 1536^2 matrix costs as much as a third of its dsyrk)."""
 
     def __init__(self, in_features: int, device):
-        self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.cpu = torch.device(device).type == "cpu"
+        if self.cpu:
+            self.gram = np.zeros((in_features, in_features), dtype=np.float64, order="F")
+        else:
+            self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.out_sq = 0.0
         self.count = 0
 
+    def add_inputs(self, xs: torch.Tensor) -> None:
+        """G += xs^T xs for one batch's [tokens, in] inputs."""
+        if not self.cpu:
+            x64 = xs.to(torch.float64)
+            self.gram.addmm_(x64.mT, x64)
+            return
+        from scipy.linalg.blas import dsyrk
 
-def batch_gram(xs: torch.Tensor) -> torch.Tensor:
-    """x^T x of one batch's [tokens, in] inputs in float64. Only the upper triangle is filled on CPU: BLAS dsyrk
-    computes one triangle, half the flops of a matmul (0.38 vs 0.57 s CPU for 16 x 220 tokens x 1536 features,
-    measured), and the eigensolver and the trace read only that triangle."""
-    if xs.device.type != "cpu":
-        x64 = xs.to(torch.float64)
-        return x64.mT @ x64
-    from scipy.linalg.blas import dsyrk
+        if xs.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16
+            xs = xs.to(torch.float32)
+        a = np.asarray(xs.numpy(), dtype=np.float64, order="F")  # [tokens, in], Fortran order: BLAS takes it as is
+        self.gram = dsyrk(1.0, a, beta=1.0, c=self.gram, trans=1, overwrite_c=1)  # in place: c is Fortran order
 
-    if xs.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16
-        xs = xs.to(torch.float32)
-    a = np.asarray(xs.numpy(), dtype=np.float64, order="F")  # [tokens, in], Fortran order: BLAS takes it as is
-    return torch.from_numpy(dsyrk(1.0, a, trans=1))
+    def mean_gram(self) -> np.ndarray:
+        """The mean input Gram (upper triangle filled on CPU; the eigensolver and the trace read only that)."""
+        g = self.gram if self.cpu else self.gram.cpu().numpy()
+        return g / self.count
 
 
 def _real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -164,18 +179,14 @@ class _Hooks:
     def __init__(self, modules: dict[str, nn.Module], infos: dict[str, LayerInfo], device):
         self.acc = {n: _Acc(infos[n].in_features, device) for n in modules}
         self.mask: torch.Tensor | None = None
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # q/k/v share one input: one Gram
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def fn(module, inputs, output):
-            x = inputs[0]
-            hit = self._cache.get(id(x))
-            if hit is None or hit[0] is not x:
-                hit = (x, batch_gram(_real_tokens(x, self.mask)))
-                self._cache[id(x)] = hit  # holding x keeps its id unique for the rest of this forward
             acc = self.acc[name]
-            acc.gram += hit[1]
+            # q/k/v read one input and each does its own dsyrk: a shared product would need a separate add pass,
+            # which costs more than the extra 384^2 products it saves
+            acc.add_inputs(_real_tokens(inputs[0], self.mask))
             ys = _real_tokens(output, self.mask).to(torch.float64)
             acc.out_sq += float(ys.pow(2).sum())
             acc.count += ys.shape[0]
@@ -184,12 +195,10 @@ class _Hooks:
 
     def next_batch(self, mask) -> None:
         self.mask = mask
-        self._cache.clear()
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._cache.clear()
 
 
 # ----- the pass -----------------------------------------------------------------------------------------------
@@ -276,21 +285,22 @@ def _run(model, cal, data, modules, infos, weights, device, progress) -> dict:
     return {"hooks": hooks, "grads": grads, "terms": terms, "tokens": tokens}
 
 
-def _eigen(gram: torch.Tensor) -> np.ndarray:
+def _eigen(gram: np.ndarray) -> np.ndarray:
     """Descending eigenvalues of a symmetric float64 matrix (LAPACK syevd, as the weight spectra)."""
     from scipy.linalg import eigvalsh
 
-    ev = eigvalsh(gram.cpu().numpy(), lower=False, check_finite=False, driver="evd")  # the upper triangle
+    ev = eigvalsh(gram, lower=False, check_finite=False, driver="evd")  # the upper triangle
     return np.clip(ev[::-1], 0.0, None)
 
 
 def _activation_metrics(acc: _Acc, top_k: int, components: int) -> tuple[dict, list[float]]:
     if acc.count == 0:
         raise RankwiseError("a target layer saw no real token during calibration (empty inputs?)")
-    ev = _eigen(acc.gram / acc.count)
+    gram = acc.mean_gram()
+    ev = _eigen(gram)
     total = float(ev.sum())
     evr = ev / total if total > 0 else np.zeros_like(ev)
-    m = {"act_in_norm2": float(torch.trace(acc.gram)) / acc.count, "act_out_norm2": acc.out_sq / acc.count,
+    m = {"act_in_norm2": float(np.trace(gram)), "act_out_norm2": acc.out_sq / acc.count,
          "act_effective_rank": effective_rank(ev), "act_explained_topk": float(evr[:top_k].sum())}
     kept = [float(v) for v in evr[:components]]
     m.update({evr_key(i + 1): v for i, v in enumerate(kept)})
@@ -300,7 +310,9 @@ def _activation_metrics(acc: _Acc, top_k: int, components: int) -> tuple[dict, l
 def _gradient_metrics(g: torch.Tensor, w: torch.Tensor) -> dict:
     g64, w64 = g.detach().cpu().double(), w.detach().cpu().double()
     fro = float(torch.linalg.matrix_norm(g64))
-    top = float(torch.linalg.matrix_norm(g64, ord=2)) if fro > 0 else 0.0
+    # sigma_1^2 is the largest eigenvalue of the small-side Gram: one [k, k] eigensolve instead of a full SVD
+    small = g64.mT @ g64 if g64.shape[0] >= g64.shape[1] else g64 @ g64.mT
+    top = math.sqrt(max(float(torch.linalg.eigvalsh(small)[-1]), 0.0)) if fro > 0 else 0.0
     return {"grad_norm": fro, "grad_sensitivity": float((w64 * g64).abs().sum()),
             "grad_stable_rank": fro * fro / (top * top) if top > 0 else 0.0}
 
@@ -312,7 +324,7 @@ def _finish(sums: dict, cal: Calibration, infos, weights, examples: int, seconds
     if sums["hooks"] is not None:
         for name, acc in sums["hooks"].acc.items():
             metrics[name], spectra[name] = _activation_metrics(acc, cal.top_k, cal.components)
-            state += acc.gram.numel() * 8
+            state += acc.gram.size * 8 if acc.cpu else acc.gram.numel() * 8
     if sums["grads"] is not None:
         for name, g in sums["grads"].items():
             metrics[name].update(_gradient_metrics(g / sums["terms"], weights[name]))

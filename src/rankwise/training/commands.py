@@ -278,7 +278,7 @@ def register(sub) -> None:
     p.add_argument("--split", default="validation", help="split of a data folder (default validation)")
     p.add_argument("--max-eval-samples", type=number(int, lo=1))
     p.add_argument("--batch-size", type=number(int, lo=1), default=32)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, or cuda:N")
     p.add_argument("--out", help="also write the metrics JSON to FILE")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -298,7 +298,7 @@ def register(sub) -> None:
     p.add_argument("--text-pair", action="append", help="second sentence for pair tasks (one per --text)")
     p.add_argument("--file", help="one text per line")
     p.add_argument("--max-new-tokens", type=number(int, lo=1), default=64, help="causal LM: tokens to generate")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, or cuda:N")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="MiniLM on tweets: spectral vs uniform LoRA at the same budget")

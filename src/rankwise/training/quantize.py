@@ -102,11 +102,28 @@ def require_bitsandbytes() -> None:
                             f"{bitsandbytes.__version__}: {_INSTALL}")
 
 
-def keep_float_modules(path: str, task: str) -> list[str]:
-    """Fully qualified names of the heads (classifier, score, pooler, lm_head, ...) that must stay unquantised.
+def head_modules(model) -> list[str]:
+    """Fully qualified names of a task model's heads, found by structure, not by name: every child with weights
+    outside the backbone (`base_model_prefix`: classifier, score, lm_head, BART's classification_head, ...), the
+    output embeddings (by identity), and the backbone's pooler (trained with the classifier). Outermost names."""
+    prefix = getattr(model, "base_model_prefix", "")
+    children = dict(model.named_children())
+    if prefix not in children:  # no backbone child to tell heads from: fall back to the usual head names
+        names = [n for n, _ in model.named_modules() if n and n.split(".")[-1] in HEAD_NAMES]
+    else:
+        names = [n for n, m in children.items() if n != prefix and any(True for _ in m.parameters())]
+        names += [f"{prefix}.{n}" for n, _ in children[prefix].named_children() if n in HEAD_NAMES]
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None:
+        names += [n for n, m in model.named_modules() if m is out]
+    names = list(dict.fromkeys(names))
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
 
-    They are trained in full (modules_to_save) or tied to the embeddings; a quantised head cannot require
-    gradients. Found on a weightless (meta-device) copy of the task model, so no weight is read."""
+
+def keep_float_modules(path: str, task: str) -> list[str]:
+    """The heads of `path`'s task model (head_modules), which must stay unquantised: they are trained in full
+    (modules_to_save) or tied to the embeddings, and a quantised head cannot require gradients. Found on a
+    weightless (meta-device) copy of the task model, so no weight is read."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -114,9 +131,7 @@ def keep_float_modules(path: str, task: str) -> list[str]:
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
         skeleton = auto.from_config(config)
-    names = [n for n, _ in skeleton.named_modules() if n and n.split(".")[-1] in HEAD_NAMES]
-    # keep the outermost name only: "cls" covers "cls.predictions.decoder"
-    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    return head_modules(skeleton)
 
 
 def load_kwargs(spec: QuantSpec, path: str, task: str, device: str | None) -> dict:
@@ -151,7 +166,8 @@ def check_quantized(model, spec: QuantSpec, path: str) -> None:
     if not names:
         raise RankwiseError(f"bitsandbytes quantised no layer of {path} to {spec.label} (it quantises "
                             "torch.nn.Linear and GPT-2 Conv1D layers only); train it without --quantize")
-    heads = [n for n in names if any(part in HEAD_NAMES for part in n.split("."))]
+    kept = head_modules(model)
+    heads = [n for n in names if any(n == h or n.startswith(h + ".") for h in kept)]
     if heads:
         raise RankwiseError(f"bitsandbytes quantised the task head {heads[0]} of {path}; heads must stay in "
                             "float to be trained; train it without --quantize")

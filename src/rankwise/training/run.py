@@ -10,12 +10,10 @@ import inspect
 import json
 import math
 import os
-import platform
-import resource
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +32,6 @@ from .prepare import (
     say,
 )
 from .quantize import count_params, model_memory, run_quantization
-from ..outputs import atomic_dir
 from .guards import check_finite_weights, run_warnings
 from .tasks import TruncationNotice, load_model, load_tokenizer
 from .checkpoints import (
@@ -49,6 +46,7 @@ from .checkpoints import (
     step_of,
 )
 from .options import TrainOptions, is_main_process, world_size
+from .record import current_rss, loss_curve, peak_memory, perplexity_of, run_info, versions
 
 __all__ = ["RESULTS_SCHEMA", "DEFAULT_LR", "train", "train_model", "versions", "peak_memory", "default_out"]
 
@@ -56,28 +54,6 @@ RESULTS_SCHEMA = 1
 # 2e-3 for classification heads: MiniLM + SST-2 (3k samples, 1 epoch) measured 0.78 at 5e-4, 0.82 at 2e-3.
 DEFAULT_LR = {"seq-cls": 2e-3, "causal-lm": 2e-4}
 _HEAD_MODULES = ("classifier", "score")  # new task heads: trained in full and saved with the adapter
-
-
-def versions() -> dict:
-    import datasets
-    import peft
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    return {"rankwise": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "datasets": datasets.__version__, "python": platform.python_version()}
-
-
-def peak_memory(device: str) -> int:
-    """Peak bytes: CUDA allocated on GPU, process RSS on CPU (Linux reports ru_maxrss in KiB)."""
-    import torch
-
-    if device == "cuda":
-        return int(torch.cuda.max_memory_allocated())
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def default_out(model: str, task: str) -> Path:
@@ -131,10 +107,6 @@ def _head_modules(model) -> list[str]:
     if heads and any(n.endswith(".pooler") and n.count(".") == 1 for n, _ in model.named_modules()):
         heads.append("pooler")
     return heads
-
-
-def _loss_curve(log_history: list[dict]) -> list[dict]:
-    return [{"step": int(h["step"]), "loss": float(h["loss"])} for h in log_history if "loss" in h and "step" in h]
 
 
 def _lora_kwargs(task: str, model, model_path: str, lora_dropout: float) -> dict:
@@ -238,6 +210,7 @@ def train_model(
         from transformers import set_seed
 
         set_seed(seed)
+        s["rss_start"] = current_rss()  # before the weights: peak_memory_increase_bytes is what the run took
         base = load_model(model_path, s["task"], s["info"], quantization=quant, device=dev)
         check_finite_weights(base, f"model {model_path}")
         if quant is not None:
@@ -267,7 +240,7 @@ def train_model(
                                                        opts=opts, resume_from=resume_from, out=out)
             results = {
                 "schema": RESULTS_SCHEMA,
-                "run_info": _run_info(model, model_path, s["task"], data, s["info"], adapter, the_plan, seed, dev,
+                "run_info": run_info(model, model_path, s["task"], data, s["info"], adapter, the_plan, seed, dev,
                                       command, hparams, out),
                 "train_info": train_info,
                 "eval": evaluation,
@@ -353,7 +326,7 @@ def _fit(method, built, ctx, s: dict, hp: dict, seed: int, dev: str, progress: b
     if task == "causal-lm":  # the "does training help" baseline: the same eval before any step
         before = trainer.evaluate()
         evaluation["eval_loss_before"] = float(before["eval_loss"])
-        evaluation["perplexity_before"] = _ppl(before["eval_loss"])
+        evaluation["perplexity_before"] = perplexity_of(before["eval_loss"])
     start = time.perf_counter()
     if resume_from is not None:
         say(f"resuming from {resume_from}", progress)
@@ -362,44 +335,27 @@ def _fit(method, built, ctx, s: dict, hp: dict, seed: int, dev: str, progress: b
     history = list(trainer.state.log_history)  # before the final evaluation appends its own entry
     metrics = clean_metrics(trainer.evaluate())
     if task == "causal-lm":
-        metrics["perplexity"] = _ppl(metrics["eval_loss"])
+        metrics["perplexity"] = perplexity_of(metrics["eval_loss"])
     evaluation.update(metrics)
     keep_tracker_logs(trainer_dir, tmp)
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     method_info = method.finish(built, ctx, tmp)  # raises when the method silently degraded
+    peak = peak_memory("cuda" if dev.startswith("cuda") else dev)
     train_info = {
         "trainable_params": trainable, "total_params": total, "lora_params": built.lora_params,
         "train_samples": len(train_ds), "steps": int(state.global_step), "epochs": hp["epochs"],
-        "train_loss": curve_loss(_loss_curve(history), state.training_loss),
+        "train_loss": curve_loss(loss_curve(history), state.training_loss),
         "wall_time_s": round(wall, 3),
-        "peak_memory_bytes": peak_memory("cuda" if dev.startswith("cuda") else dev),
+        "peak_memory_bytes": peak,
+        # CPU: peak RSS above the RSS before the model loaded (weights, activations, optimizer state; not the
+        # Python libraries, which are most of a small model's RSS); CUDA: allocated memory is already that
+        "peak_memory_increase_bytes": peak if dev.startswith("cuda") else max(0, peak - s["rss_start"]),
         "model_memory_bytes": model_memory(peft_model),
-        "loss_curve": _loss_curve(history), "lr_curve": lr_curve(history), "eval_curve": eval_curve(history),
+        "loss_curve": loss_curve(history), "lr_curve": lr_curve(history), "eval_curve": eval_curve(history),
         "resumed_from_step": step_of(resume_from), "world_size": world_size(),
     }
     return evaluation, train_info, method_info
-
-
-def _ppl(loss: float) -> float:
-    from .metrics import perplexity
-
-    return perplexity(float(loss))
-
-
-def _run_info(model, model_path, task, data, info, adapter, plan, seed, dev, command, hparams, out) -> dict:
-    return {
-        "model": str(model), "model_path": str(model_path), "task": task, "data": str(data),
-        "data_info": info.to_dict(), "out": str(out),
-        "adapter": {**adapter, **({"budget": plan.budget.to_dict(), "spent": plan.spent,
-                                   "layers_adapted": len(plan.adapted)} if plan is not None else {})},
-        "method": adapter.get("method", "lora"),
-        "strategy": plan.strategy if plan is not None else adapter.get("strategy"), "preset": adapter.get("preset"),
-        "budget": plan.budget.to_dict() if plan is not None else adapter.get("budget"),
-        "hparams": hparams, "seed": seed, "device": dev, "versions": versions(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command or " ".join(sys.argv),
-    }
 
 
 def _save(tmp: Path, method, built, tokenizer, results, model, model_path, task, info, length) -> None:
