@@ -332,7 +332,8 @@ def load_adapters(runs: Mapping[str, str | os.PathLike] | str | Sequence[str], *
 
     `runs`: {name: run folder} or "name=dir,name=dir". All must share one base model (folder or identical weights)
     and one task. The base loads in full precision, also for QLoRA runs."""
-    from .training.prepare import pick_device
+    from .training.prepare import pick_device, quiet_libraries
+    from .training.runs import restores_head
     from .training.tasks import load_model
 
     dev = pick_device(device)  # before any loading: a bad --device fails at once
@@ -342,7 +343,9 @@ def load_adapters(runs: Mapping[str, str | os.PathLike] | str | Sequence[str], *
     read = {name: _read_run(name, d) for name, d in mapping.items()}
     base_path = _check_same_base(read)
     first = next(iter(read.values()))
-    model = load_model(base_path, first.task["task"], first.info)
+    # every adapter brings its own head: the base's "newly initialized" head report would be a false alarm
+    with quiet_libraries(not all(restores_head(r.run_dir) for r in read.values())):
+        model = load_model(base_path, first.task["task"], first.info)
     for name, run in read.items():
         model = _attach(model, name, run)
     ads = Adapters(model.to(dev), read, dev)

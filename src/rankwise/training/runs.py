@@ -15,7 +15,7 @@ from .prepare import (clean_metrics, encode, make_trainer, pick_device, quiet_li
                       resolve_model_path, say)
 from .tasks import format_prompt, load_model, load_tokenizer
 
-__all__ = ["load_run", "load_run_model", "evaluate_run", "merge_run", "predict", "predict_with"]
+__all__ = ["load_run", "load_run_model", "evaluate_run", "merge_run", "predict", "predict_with", "restores_head"]
 
 
 def load_run(run_dir: str | os.PathLike) -> dict:
@@ -55,7 +55,7 @@ def _base_path(task_info: dict) -> str:
     raise RankwiseError(f"the run's base model {path} no longer exists; put it back, or retrain")
 
 
-def _restores_head(run_dir) -> bool:
+def restores_head(run_dir) -> bool:
     """True when the run's adapter carries the task head (modules_to_save), so the base's missing head is expected."""
     for name in ("adapter_config.json", "multirank_config.json"):
         try:
@@ -81,7 +81,7 @@ def load_run_model(run_dir: str | os.PathLike, device: str = "cpu", full_precisi
     quant = None if full_precision else QuantSpec.from_dict(task_info.get("quantization"))
     # The head is new to the base checkpoint but restored from the adapter: transformers' "newly initialized"
     # report would be a false alarm here
-    with quiet_libraries(not _restores_head(run_dir)):
+    with quiet_libraries(not restores_head(run_dir)):
         base = load_model(_base_path(task_info), task_info["task"], info, quantization=quant, device=device)
     model = method.load(base, run_dir)
     model = (model if quant is not None else model.to(device)).eval()  # quantised: loaded onto `device` already
