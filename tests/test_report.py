@@ -137,3 +137,28 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_dynamic_methods_compare_by_their_final_adapter(sweep_dir, tmp_path):
+    """An AdaLoRA-like run trains 15,000 LoRA parameters, prunes to 10,000: compared with uniform (10,000) by the
+    final count, and the report says how many it started with. A final count 5% off is still refused."""
+    for seed in SEEDS:
+        d = sweep_dir / "runs" / f"toy-costly-r4-s{seed}-abcd1234"
+        r = json.loads((d / "results.json").read_text())
+        r["train_info"]["lora_params"] = 15_000
+        r["method_info"] = {"final_lora_params": 10_000 if seed else 10_600}
+        (d / "results.json").write_text(json.dumps(r))
+    runs, _ = collect(sweep_dir)
+    cells = {c.label: c for c in build_cells(runs, {"toy": "eval_accuracy"}, tolerance=0.02)}
+    assert "10,600" in cells["costly"].refused  # seed 0's final adapter is 6% over
+    for seed in SEEDS:  # now every final adapter matches
+        d = sweep_dir / "runs" / f"toy-costly-r4-s{seed}-abcd1234"
+        r = json.loads((d / "results.json").read_text())
+        r["method_info"]["final_lora_params"] = 10_000
+        (d / "results.json").write_text(json.dumps(r))
+    runs, _ = collect(sweep_dir)
+    cells = {c.label: c for c in build_cells(runs, {"toy": "eval_accuracy"}, tolerance=0.02)}
+    assert cells["costly"].cmp is not None and cells["costly"].lora_params == 10_000
+    assert main(["report", str(sweep_dir), "--out", str(tmp_path / "rep"), "--no-figures"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Dynamic budgets" in md and "up to 15,000 during training" in md

@@ -292,6 +292,12 @@ def make_report(sweep_dir: str | os.PathLike, out: str | os.PathLike, *, toleran
     if refused:
         md += ["## Not compared (budget differs from uniform by more than the tolerance, or no pair)", ""]
         md += [f"- {c.id} {c.task} / {c.budget} / {c.label}: {c.refused}" for c in refused] + [""]
+    pruned = [c for c in cells if any(r.peak_lora_params > r.lora_params for r in c.runs)]
+    if pruned:
+        md += ["## Dynamic budgets", "", "These methods start with more LoRA parameters and prune to the budget; they "
+               "are compared by their final adapter (the LoRA params column).", ""]
+        md += [f"- {c.id} {c.task} / {c.budget} / {c.label}: up to "
+               f"{max(r.peak_lora_params for r in c.runs):,} during training" for c in pruned] + [""]
     if notes:
         md += ["## Left out", ""] + [f"- {n}" for n in notes] + [""]
     if fig_lines:

@@ -93,6 +93,16 @@ class RunResult:
 
     @property
     def lora_params(self) -> int:
+        """LoRA parameters of the adapter the run ends with, the count budgets are compared by: a dynamic method's
+        final count (AdaLoRA starts larger and prunes to its budget), else train_info.lora_params."""
+        final = (self.results.get("method_info") or {}).get("final_lora_params")
+        if isinstance(final, int) and not isinstance(final, bool) and final > 0:
+            return final
+        return self.peak_lora_params
+
+    @property
+    def peak_lora_params(self) -> int:
+        """The most LoRA parameters the run trained at once (train_info.lora_params)."""
         return int(self.results["train_info"]["lora_params"])
 
     @property
