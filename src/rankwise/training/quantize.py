@@ -108,9 +108,8 @@ def head_modules(model) -> list[str]:
     output embeddings (by identity), and the backbone's pooler (trained with the classifier). Outermost names."""
     prefix = getattr(model, "base_model_prefix", "")
     children = dict(model.named_children())
-    if prefix not in children:  # no backbone child to tell heads from: fall back to the usual head names
-        names = [n for n, _ in model.named_modules() if n and n.split(".")[-1] in HEAD_NAMES]
-    else:
+    names = []
+    if prefix in children:  # else the model is its own backbone: its only head is the output embeddings
         names = [n for n, m in children.items() if n != prefix and any(True for _ in m.parameters())]
         names += [f"{prefix}.{n}" for n, _ in children[prefix].named_children() if n in HEAD_NAMES]
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
