@@ -209,3 +209,4 @@ def test_heads_found_by_structure_not_by_name():
     assert head_modules(bert) == ["classifier", "bert.pooler"]
     assert head_modules(bart) == ["classification_head"]
     assert head_modules(llama) == ["lm_head"]
+

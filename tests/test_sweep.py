@@ -169,6 +169,43 @@ def test_runs_go_block_by_block_and_train_args_pass_through(tmp_path, assets):
     assert args[args.index("--warmup-ratio") + 1] == "0.1"
 
 
+def test_by_budget_changes_only_its_cells(tmp_path, assets):
+    """`by_budget: {4: {lr: ...}}` reaches `rankwise train` at budget 4 only, and renews only the budget-4 ids."""
+    from rankwise.experiments.spec import load_experiment
+
+    plain = write_exp(tmp_path / "a.yaml", assets, methods="[uniform, depth]", budgets="[2, 4]")
+    per_budget = write_exp(tmp_path / "b.yaml", assets, methods="[uniform, depth]", budgets="[2, 4]")
+    per_budget.write_text(per_budget.read_text().replace(
+        "toy: {data:", "toy: {by_budget: {4: {lr: 5.0e-4, train_args: {logging_steps: 3}}}, data:").replace(
+        "max_length: 16}", "max_length: 16, by_budget: {4: {max_steps: 3, lr: 0.1}}}"))  # base's lr loses
+    before = {(r.budget, r.label): r for r in load_experiment(plain).runs()}
+    after = {(r.budget, r.label): r for r in load_experiment(per_budget).runs()}
+    for key, run in after.items():
+        args = run.train_args()
+        if key[0] == 4:
+            assert run.id != before[key].id
+            assert args[args.index("--lr") + 1] == "0.0005"
+            assert args[args.index("--train-arg") + 1] == "logging_steps=3"
+            assert args[args.index("--max-steps") + 1] == "3"
+        else:
+            assert run.id == before[key].id and "--lr" not in args and "--train-arg" not in args
+            assert args[args.index("--max-steps") + 1] == "2"
+
+
+@pytest.mark.parametrize("by_budget,match", [
+    ("{8: {lr: 0.001}}", "tasks.toy.by_budget.8: 8 is not a budget of the grid; budgets: [2, 4]"),
+    ("{4: {targets: all-linear}}", "tasks.toy.by_budget.4.targets: unknown key; allowed: epochs, lr"),
+    ("{4: {data: elsewhere}}", "tasks.toy.by_budget.4.data: unknown key"),
+    ("[4]", "tasks.toy.by_budget: expected a mapping"),
+])
+def test_bad_by_budget_fails_with_one_line(tmp_path, assets, capsys, by_budget, match):
+    exp = write_exp(tmp_path / "exp.yaml", assets, budgets="[2, 4]")
+    exp.write_text(exp.read_text().replace("toy: {data:", f"toy: {{by_budget: {by_budget}, data:"))
+    assert main(["sweep", str(exp), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and match in err[0], err
+
+
 # ----- running, killing, resuming ----------------------------------------------------------------------------
 
 def _start_and_kill(cmd: list[str], out: Path, sig: int) -> set[str]:

@@ -232,13 +232,20 @@ def latex_tables(cells: list[Cell]) -> str:
     return "\n".join(out)
 
 
+def _machine(info: dict) -> str:
+    hw = info.get("hardware") or {}
+    where = hw.get("gpu") or (f"CPU, {hw['cpus']} cores" if hw.get("cpus") else "")
+    return f"{info.get('device', '?')} ({where})" if where else str(info.get("device", "?"))
+
+
 def _environment(runs: list[RunResult], manifest: dict | None) -> list[str]:
     lines = []
     host = (manifest or {}).get("host")
     if host:
         lines.append(f"- sweep host: {host}")
-    devices = sorted({str(r.run_info.get('device', '?')) for r in runs})
-    lines.append(f"- devices of the runs: {', '.join(devices)}")
+    for task in dict.fromkeys(r.task for r in runs):  # a study may train its tasks on different machines
+        machines = sorted({_machine(r.run_info) for r in runs if r.task == task})
+        lines.append(f"- {task} trained on: {'; '.join(machines)}")
     versions = sorted({", ".join(f"{k} {v}" for k, v in sorted(r.run_info.get('versions', {}).items()))
                        for r in runs})
     lines += [f"- versions: {v}" for v in versions]

@@ -6,7 +6,8 @@ names the bad key: unknown keys, unknown strategies/methods/options, budgets no 
     name: glue-minilm                 # optional
     base: {model: minilm, targets: all-linear, epochs: 1}   # `rankwise train` settings shared by every task
     tasks:
-      sst2: {data: ../data/sst2, max_train_samples: 3000, metric: eval_accuracy}
+      sst2: {data: ../data/sst2, max_train_samples: 3000, metric: eval_accuracy,
+             by_budget: {16: {lr: 5.0e-4}}}   # training settings that differ at one budget (base may hold one too)
     grid:
       methods: [uniform, {strategy: all}, {method: peft_eva, options: {rho: 2}}]
       budgets: [4, 16]                # int: the cost of uniform rank R on the targets; "300k": parameters
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from ..types import RankwiseError
 
-__all__ = ["Experiment", "MethodEntry", "Run", "load_experiment", "SETTINGS", "TOP_KEYS", "GRID_KEYS"]
+__all__ = ["Experiment", "MethodEntry", "Run", "load_experiment", "SETTINGS", "BUDGET_SETTINGS", "TOP_KEYS",
+           "GRID_KEYS"]
 
 TOP_KEYS = ("name", "description", "base", "tasks", "grid", "resources")
 GRID_KEYS = ("methods", "budgets", "seeds")
@@ -38,6 +40,9 @@ SETTINGS = ("model", "data", "task", "text_columns", "label_column", "validation
             "max_eval_samples", "max_length", "targets", "lora_alpha", "lora_dropout", "dora", "rslora", "epochs",
             "lr", "batch_size", "max_steps", "device", "warmup_ratio", "weight_decay", "scheduler", "grad_accum",
             "train_args")  # train_args: {key: value} -> --train-arg key=value (any TrainingArguments field)
+# What `by_budget` may change at one budget: training settings only, never the model, targets or data.
+BUDGET_SETTINGS = ("epochs", "lr", "batch_size", "max_steps", "warmup_ratio", "weight_decay", "scheduler",
+                   "grad_accum", "lora_alpha", "lora_dropout", "train_args")
 _TASK_ONLY = ("metric",)  # read by the report (the task's headline metric), never passed to train
 _COMMON_RANK = ("min_rank", "max_rank", "rank_step")  # passed as strategy options through --set
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -135,6 +140,15 @@ class Experiment:
     resources: dict
     metrics: dict  # task -> headline metric name (or None: the report picks by task kind)
     text: str = ""
+    by_budget: dict = field(default_factory=dict)  # task -> {budget: settings that differ at that budget}
+
+    def settings_for(self, task: str, budget) -> dict:
+        """The task's settings as written, with what `by_budget` changes at this budget."""
+        written = dict(self.tasks[task])
+        over = self.by_budget.get(task, {}).get(budget, {})
+        for k, v in over.items():  # train_args merge key by key; every other setting is replaced
+            written[k] = {**written.get(k, {}), **v} if k == "train_args" else v
+        return written
 
     def runs(self) -> list[Run]:
         """Every cell: tasks x seeds x budgets x methods, tasks in file order. Ids hash the cell as written.
@@ -143,11 +157,13 @@ class Experiment:
         of the first seeds: its partial results are paired comparisons, not one method's seeds.
         """
         out = []
-        for task, written in self.tasks.items():
-            resolved = resolve_settings(written, self.path.parent)
+        for task in self.tasks:
             budgets = list(dict.fromkeys(b for e in self.entries for b in (e.budgets or self.budgets)))
             for seed in self.seeds:
                 for budget in budgets:
+                    # ids hash the settings this cell really trains with: a by_budget line renews only its cells
+                    written = self.settings_for(task, budget)
+                    resolved = resolve_settings(written, self.path.parent)
                     for e in self.entries:
                         if budget not in (e.budgets if e.budgets is not None else self.budgets):
                             continue
@@ -161,7 +177,8 @@ class Experiment:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "path": str(self.path), "base": self.base,
-                "tasks": self.tasks, "metrics": self.metrics, "budgets": self.budgets, "seeds": self.seeds,
+                "tasks": self.tasks, "metrics": self.metrics,
+                "by_budget": {t: {str(b): v for b, v in bb.items()} for t, bb in self.by_budget.items() if bb}, "budgets": self.budgets, "seeds": self.seeds,
                 "methods": [dict(e.canonical(), label=e.label, budgets=e.budgets) for e in self.entries],
                 "resources": self.resources}
 
@@ -184,227 +201,54 @@ def resolve_settings(written: dict, folder: Path) -> dict:
     return s
 
 
-# ----- validation ------------------------------------------------------------------------------------------------
+def _read(path: Path) -> dict:
+    import yaml
 
-def _fail(where: str, msg: str):
-    raise RankwiseError(f"{where}: {msg}")
+    from .validate import mapping
 
-
-def _mapping(value, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        _fail(where, f"expected a mapping (key: value), got {type(value).__name__}")
-    return value
-
-
-def _check_keys(d: dict, allowed, where: str) -> None:
-    for k in d:
-        if k not in allowed:
-            _fail(f"{where}.{k}" if where else str(k), f"unknown key; allowed: {', '.join(allowed)}")
-
-
-def _entries(raw, where: str, default_budgets: list) -> list[MethodEntry]:
-    from ..allocators import get_allocator, list_allocators
-    from ..methods import get_method
-
-    if not isinstance(raw, list) or not raw:
-        _fail(where, "give a non-empty list of strategies or methods, e.g. [uniform, spectral, {method: peft_eva}]")
-    out: list[MethodEntry] = []
-    # `strategy: all` means every static allocator not listed on its own line (so `[uniform, {strategy: all}]`
-    # keeps uniform once, with its own options and label)
-    listed = {x if isinstance(x, str) else x.get("strategy") for x in raw if isinstance(x, (str, dict))}
-    for i, item in enumerate(raw):
-        w = f"{where}[{i}]"
-        if isinstance(item, str):
-            item = {"method": item} if _is_method(item) else {"strategy": item}
-        item = _mapping(item, w)
-        _check_keys(item, ENTRY_KEYS, w)
-        if ("strategy" in item) == ("method" in item):
-            _fail(w, "give exactly one of strategy: NAME or method: NAME")
-        options = dict(_mapping(item.get("options"), f"{w}.options"))
-        budgets = _budgets(item["budgets"], f"{w}.budgets") if "budgets" in item else None
-        if "strategy" in item:
-            names = [s.name for s in list_allocators() if s.kind == "static" and s.name not in listed
-                     and s.name not in _NOT_IN_ALL] \
-                if item["strategy"] == "all" else [str(item["strategy"])]
-            for name in names:
-                try:
-                    spec = get_allocator(name)
-                except RankwiseError as e:
-                    _fail(f"{w}.strategy", str(e))
-                if spec.kind != "static":
-                    _fail(f"{w}.strategy", f"{name!r} allocates during training; use its method instead")
-                if item["strategy"] == "all":  # options of `all` apply where a strategy takes them
-                    opts = {k: v for k, v in options.items() if k in spec.hparams or k in _COMMON_RANK}
-                else:
-                    opts = options
-                    bad = sorted(set(opts) - set(spec.hparams) - set(_COMMON_RANK))
-                    if bad:
-                        allowed = ", ".join([*spec.hparams, *_COMMON_RANK])
-                        _fail(f"{w}.options.{bad[0]}", f"strategy {name!r} has no such option; allowed: {allowed}")
-                label = item.get("label") if len(names) == 1 and item.get("label") else name
-                out.append(MethodEntry("strategy", name, opts, str(label), budgets))
-        else:
-            name = str(item["method"])
-            try:
-                method = get_method(name)
-            except RankwiseError as e:
-                _fail(f"{w}.method", str(e))
-            if name == "lora":
-                _fail(f"{w}.method", "plain LoRA is `strategy: uniform` (or any strategy) in the grid")
-            _check_method_options(method, options, budgets or default_budgets, f"{w}.options")
-            out.append(MethodEntry("method", name, options, str(item.get("label") or name), budgets))
-    labels = [e.label for e in out]
-    for e in out:
-        if not _LABEL_RE.match(e.label):
-            _fail(where, f"label {e.label!r} may hold letters, digits and _ . + - only")
-        if labels.count(e.label) > 1:
-            _fail(where, f"{e.label!r} appears twice; give one of them a label: NAME")
-    return out
-
-
-def _is_method(name: str) -> bool:
-    from ..methods import list_methods
-
-    return name in {m.name for m in list_methods()} and name != "lora"
-
-
-def _check_method_options(method, options: dict, budgets: list, where: str) -> None:
-    """The method's own check, as `rankwise train` will call it, once per budget of the entry."""
-    opts = {k: v for k, v in options.items() if k != "ranks"}
-    if "ranks" in options:
-        opts["ranks"] = str(options["ranks"])
-    for b in budgets:
-        choice = {"budget_rank": b, "budget": None} if isinstance(b, int) else {"budget": b, "budget_rank": None}
-        try:
-            method.check(dict(opts), {**choice, "targets": None, "strategy_options": None})
-        except RankwiseError as e:
-            _fail(where, str(e))
-
-
-def _budgets(raw, where: str) -> list:
-    from ..allocators import parse_budget
-
-    if not isinstance(raw, list) or not raw:
-        _fail(where, "give a non-empty list: ints are budget ranks (4 = what uniform r=4 costs), strings are "
-                     "parameters ('300k', '1.2M', '0.5%')")
-    out = []
-    for b in raw:
-        if isinstance(b, bool) or not isinstance(b, (int, str)) or (isinstance(b, int) and b < 1):
-            _fail(where, f"budget {b!r} is neither a rank >= 1 nor a parameter count like '300k'")
-        if isinstance(b, str) and not b.strip().endswith("%"):
-            try:
-                parse_budget(b)
-            except RankwiseError as e:
-                _fail(where, str(e))
-        out.append(b)
-    if len(set(map(str, out))) != len(out):
-        _fail(where, f"a budget appears twice in {out}")
-    return out
-
-
-def _seeds(raw, where: str) -> list[int]:
-    if not isinstance(raw, list) or not raw or not all(isinstance(s, int) and not isinstance(s, bool) for s in raw):
-        _fail(where, f"give a non-empty list of integers, got {raw!r}")
-    if len(set(raw)) != len(raw):
-        _fail(where, f"a seed appears twice in {raw}")
-    return list(raw)
-
-
-def _tasks(raw, base: dict, folder: Path) -> tuple[dict, dict]:
-    raw = _mapping(raw, "tasks")
-    if not raw:
-        _fail("tasks", "give at least one task, e.g. tasks: {sst2: {data: ../data/sst2}}")
-    tasks, metrics = {}, {}
-    for name, settings in raw.items():
-        w = f"tasks.{name}"
-        if not _LABEL_RE.match(str(name)):
-            _fail(w, "task names may hold letters, digits and _ . + - only")
-        settings = _mapping(settings, w)
-        _check_keys(settings, SETTINGS + _TASK_ONLY, w)
-        merged = {**base, **settings}
-        if not isinstance(merged.get("train_args", {}), dict):
-            _fail(f"{w}.train_args", "must be a mapping of TrainingArguments fields, e.g. {logging_steps: 5}")
-        for key in ("model", "data"):
-            if merged.get(key) in (None, ""):
-                _fail(f"{w}.{key}", "missing (set it here or in base)")
-        data = _expand(merged["data"], folder, must_exist=True)
-        if not Path(data).exists() and not _online_id(str(merged["data"])):
-            _fail(f"{w}.data", f"{merged['data']} does not exist (relative paths resolve against {folder})")
-        tasks[str(name)] = merged
-        metrics[str(name)] = settings.get("metric")
-    return tasks, metrics
-
-
-def _online_id(value: str) -> bool:
-    """A hub id like nyu-mll/glue:sst2 is allowed only when the hub may be reached."""
-    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and ":" in value and not value.startswith(".")
-
-
-def _check_budgets_feasible(exp: Experiment) -> None:
-    """Every budget must be payable on every task's targets with every strategy's rank bounds (shapes only)."""
-    from ..allocators import feasible_range, parse_budget, rank_bounds
-
-    from .skeleton import layers_of, model_params
-
-    for task, written in exp.tasks.items():
-        s = resolve_settings(written, exp.path.parent)
-        try:
-            layers = layers_of(s["model"], s.get("targets"))
-        except RankwiseError as e:
-            _fail(f"tasks.{task}.model", str(e))
-        for e in exp.entries:
-            opts = {k: e.options.get(k) for k in _COMMON_RANK if k in e.options} if e.kind == "strategy" else {}
-            for b in (e.budgets if e.budgets is not None else exp.budgets):
-                where = f"grid.budgets ({b!r} for {e.label} on {task})"
-                try:
-                    total = model_params(s["model"]) if isinstance(b, str) and b.strip().endswith("%") else None
-                    budget = parse_budget(None if isinstance(b, int) else b, layers, total_params=total,
-                                          budget_rank=b if isinstance(b, int) else None)
-                    bounds = [rank_bounds(lay, opts.get("min_rank", 1), opts.get("max_rank"),
-                                          opts.get("rank_step", 1)) for lay in layers]
-                except RankwiseError as err:
-                    _fail(where, str(err))
-                lo, hi = feasible_range(layers, bounds)
-                if not lo <= budget.params <= hi:
-                    _fail(where, f"{budget.params:,} parameters cannot be met on {len(layers)} target layers "
-                                 f"(feasible {lo:,} .. {hi:,})")
+    if not path.is_file():
+        raise RankwiseError(f"experiment file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        first = " ".join(str(e).split())
+        raise RankwiseError(f"{path} is not valid YAML: {first[:200]}") from None
+    return mapping(raw, str(path))
 
 
 def load_experiment(path: str | os.PathLike, *, check_budgets: bool = True) -> Experiment:
     """Read and validate an experiment file. Raises RankwiseError (one line, naming the key) on any problem."""
-    import yaml
+    from . import validate as v
 
     path = Path(path)
-    if not path.is_file():
-        raise RankwiseError(f"experiment file {path} does not exist")
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        first = " ".join(str(e).split())
-        raise RankwiseError(f"{path} is not valid YAML: {first[:200]}") from None
-    raw = _mapping(raw, str(path))
-    _check_keys(raw, TOP_KEYS, "")
-    base = dict(_mapping(raw.get("base"), "base"))
-    _check_keys(base, SETTINGS, "base")
-    tasks, metrics = _tasks(raw.get("tasks"), base, path.parent.resolve())
-    grid = _mapping(raw.get("grid"), "grid")
-    _check_keys(grid, GRID_KEYS, "grid")
+    raw = _read(path)
+    v.check_keys(raw, TOP_KEYS, "")
+    base = dict(v.mapping(raw.get("base"), "base"))
+    v.check_keys(base, SETTINGS + ("by_budget",), "base")
+    base_by_budget = base.pop("by_budget", None)
+    tasks, metrics, task_by_budget = v.parse_tasks(raw.get("tasks"), base, path.parent.resolve())
+    grid = v.mapping(raw.get("grid"), "grid")
+    v.check_keys(grid, GRID_KEYS, "grid")
     for key in GRID_KEYS:
         if key not in grid:
-            _fail(f"grid.{key}", "missing")
-    resources = dict(_mapping(raw.get("resources"), "resources"))
-    _check_keys(resources, RESOURCE_KEYS, "resources")
-    for k, v in resources.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            _fail(f"resources.{k}", f"expected a number >= 0, got {v!r}")
-    budgets = _budgets(grid["budgets"], "grid.budgets")
+            v.fail(f"grid.{key}", "missing")
+    resources = dict(v.mapping(raw.get("resources"), "resources"))
+    v.check_keys(resources, RESOURCE_KEYS, "resources")
+    for k, val in resources.items():
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
+            v.fail(f"resources.{k}", f"expected a number >= 0, got {val!r}")
+    budgets = v.parse_budgets(grid["budgets"], "grid.budgets")
+    entries = v.parse_entries(grid["methods"], "grid.methods", budgets)
+    in_use = list(dict.fromkeys(b for e in entries for b in (e.budgets or budgets)))
+    shared = v.parse_by_budget(base_by_budget, in_use, "base.by_budget")
+    by_budget = {}
+    for task, written in task_by_budget.items():
+        own = v.parse_by_budget(written, in_use, f"tasks.{task}.by_budget")
+        by_budget[task] = {b: {**shared.get(b, {}), **own.get(b, {})} for b in [*shared, *own]}
     exp = Experiment(path=path.resolve(), name=str(raw.get("name") or path.parent.name),
-                     description=str(raw.get("description") or ""), base=base, tasks=tasks,
-                     entries=_entries(grid["methods"], "grid.methods", budgets), budgets=budgets,
-                     seeds=_seeds(grid["seeds"], "grid.seeds"), resources=resources, metrics=metrics, text=text)
+                     description=str(raw.get("description") or ""), base=base, tasks=tasks, entries=entries,
+                     budgets=budgets, seeds=v.parse_seeds(grid["seeds"], "grid.seeds"), resources=resources,
+                     metrics=metrics, text=path.read_text(), by_budget=by_budget)
     if check_budgets:
-        _check_budgets_feasible(exp)
+        v.check_budgets_feasible(exp)
     return exp

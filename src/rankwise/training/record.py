@@ -8,7 +8,7 @@ import resource
 import sys
 from datetime import datetime, timezone
 
-__all__ = ["versions", "peak_memory", "current_rss", "loss_curve", "perplexity_of", "run_info"]
+__all__ = ["versions", "hardware", "peak_memory", "current_rss", "loss_curve", "perplexity_of", "run_info"]
 
 
 def versions() -> dict:
@@ -21,6 +21,17 @@ def versions() -> dict:
 
     return {"rankwise": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "datasets": datasets.__version__, "python": platform.python_version()}
+
+
+def hardware(device: str) -> dict:
+    """The machine a run trained on: a study may mix machines, and its report says which run used which."""
+    import torch
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
 
 
 def peak_memory(device: str) -> int:
@@ -61,7 +72,7 @@ def run_info(model, model_path, task, data, info, adapter, plan, seed, dev, comm
         "method": adapter.get("method", "lora"),
         "strategy": plan.strategy if plan is not None else adapter.get("strategy"), "preset": adapter.get("preset"),
         "budget": plan.budget.to_dict() if plan is not None else adapter.get("budget"),
-        "hparams": hparams, "seed": seed, "device": dev, "versions": versions(),
+        "hparams": hparams, "seed": seed, "device": dev, "hardware": hardware(dev), "versions": versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command or " ".join(sys.argv),
     }

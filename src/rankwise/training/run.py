@@ -31,7 +31,7 @@ from .prepare import (
     resolve_model_path,
     say,
 )
-from .quantize import count_params, model_memory, run_quantization
+from .quantize import count_params, head_modules, model_memory, run_quantization
 from .guards import check_finite_weights, run_warnings
 from .tasks import TruncationNotice, load_model, load_tokenizer
 from .checkpoints import (
@@ -53,7 +53,6 @@ __all__ = ["RESULTS_SCHEMA", "DEFAULT_LR", "train", "train_model", "versions", "
 RESULTS_SCHEMA = 1
 # 2e-3 for classification heads: MiniLM + SST-2 (3k samples, 1 epoch) measured 0.78 at 5e-4, 0.82 at 2e-3.
 DEFAULT_LR = {"seq-cls": 2e-3, "causal-lm": 2e-4}
-_HEAD_MODULES = ("classifier", "score")  # new task heads: trained in full and saved with the adapter
 
 
 def default_out(model: str, task: str) -> Path:
@@ -96,25 +95,14 @@ def _absolute(model_path: str) -> str:
     return str(p.resolve()) if p.exists() else model_path
 
 
-def _head_modules(model) -> list[str]:
-    """The task head, trained in full: the new classifier, plus BERT's pooler, which feeds it.
-
-    The pooler is part of BERT's classification head (CLS -> dense -> tanh -> classifier). Encoders tuned for
-    mean pooling (sentence-transformers such as MiniLM) ship it untrained (zero bias, tiny weights): frozen, it
-    squeezes the head's input and its gradient, and STS-B regression stalls near the mean."""
-    top = {n for n, _ in model.named_children()}
-    heads = [h for h in _HEAD_MODULES if h in top]
-    if heads and any(n.endswith(".pooler") and n.count(".") == 1 for n, _ in model.named_modules()):
-        heads.append("pooler")
-    return heads
-
-
 def _lora_kwargs(task: str, model, model_path: str, lora_dropout: float) -> dict:
     # base_model_name_or_path: the folder actually loaded, so the adapter config names a loadable base
     kw = {"lora_dropout": lora_dropout, "base_model_name_or_path": model_path,
           "task_type": "SEQ_CLS" if task == "seq-cls" else "CAUSAL_LM"}
     if task == "seq-cls":
-        kw["modules_to_save"] = _head_modules(model)
+        # the new head is trained in full, and so is BERT's pooler, which feeds it: encoders tuned for mean
+        # pooling (sentence-transformers such as MiniLM) ship it untrained, and frozen it stalls STS-B regression
+        kw["modules_to_save"] = head_modules(model)
     return kw
 
 

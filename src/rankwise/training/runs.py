@@ -62,7 +62,8 @@ def restores_head(run_dir) -> bool:
             cfg = json.loads((Path(run_dir) / name).read_text())
         except (OSError, ValueError, UnicodeDecodeError):
             continue
-        if isinstance(cfg, dict) and set(cfg.get("modules_to_save") or ()) & {"classifier", "score"}:
+        # any saved module other than the backbone's pooler is a head outside the backbone (training.quantize)
+        if isinstance(cfg, dict) and any(str(n).split(".")[-1] != "pooler" for n in cfg.get("modules_to_save") or ()):
             return True
     return False
 
