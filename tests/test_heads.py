@@ -44,3 +44,4 @@ def test_restores_head_reads_the_saved_modules(tmp_path, saved, expected):
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"modules_to_save": saved}))
     assert restores_head(tmp_path) is expected
+

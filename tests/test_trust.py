@@ -534,3 +534,22 @@ def test_smollm2_without_gguf_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(RankwiseError, match=r"pip install 'gguf>=0.10'"):
         assets.smollm2_path()
+
+
+def test_first_non_finite_names_the_first_bad_tensor():
+    """The one-sync check agrees with a per-tensor reference loop, for NaN, +Inf, -Inf, in any position."""
+    from rankwise.training.guards import first_non_finite
+
+    def reference(named):
+        return next((n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+    torch.manual_seed(0)
+    base = [(f"t{i}", torch.randn(3, 4)) for i in range(5)] + [("ids", torch.arange(4))]
+    assert first_non_finite(base) is None and reference(base) is None
+    for pos in range(5):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            named = [(n, t.clone()) for n, t in base]
+            named[pos][1][1, 2] = bad
+            named[4][1][0, 0] = float("nan")  # a later bad tensor: the first one is named
+            assert first_non_finite(named) == reference(named) == f"t{pos}"
+    assert first_non_finite([]) is None
