@@ -25,11 +25,18 @@ VALUES = {
 PARAMS = {"uniform": 10_000, "good": 9_950, "noisy": 10_000, "costly": 10_500}
 
 
+# where each seed trained: seed 0 predates the hardware record, seed 3 ran on a GPU
+MACHINES = {0: ("cpu", None), 1: ("cpu", {"cpus": 2}), 2: ("cpu", {"cpus": 2}),
+            3: ("cuda", {"cpus": 16, "gpu": "NVIDIA H200"})}
+
+
 def _results(method: str, seed: int, value: float) -> dict:
+    device, hardware = MACHINES[seed]
     return {
         "schema": 1,
         "run_info": {"model": "tiny", "task": "seq-cls", "data": "/data/toy", "method": "lora", "strategy": method,
-                     "budget": {"params": 10_000, "spec": "rank 4"}, "seed": seed, "device": "cpu",
+                     "budget": {"params": 10_000, "spec": "rank 4"}, "seed": seed, "device": device,
+                     **({"hardware": hardware} if hardware else {}),
                      "versions": {"rankwise": "0.1.0", "torch": "x"}, "command": f"rankwise train ... --seed {seed}"},
         "train_info": {"lora_params": PARAMS[method], "trainable_params": PARAMS[method] + 10,
                        "wall_time_s": 10.0 + seed, "peak_memory_bytes": (100 + seed) * 2**20,
@@ -107,6 +114,7 @@ def test_report_regenerates_from_result_files_alone(sweep_dir, tmp_path, capsys)
     # each cell traces to its run folders; environment and commands are stated
     assert "runs/toy-good-r4-s3-abcd1234" in md and "rankwise sweep exp.yaml --out sweep" in md
     assert "test host" in md and "torch x" in md
+    assert "- toy trained on: cpu (CPU, 2 cores); cpu (machine not recorded); cuda (NVIDIA H200)" in md
     figs = sorted(p.name for p in (out / "figures").iterdir())
     assert len([f for f in figs if f.endswith(".png")]) >= 2 and len([f for f in figs if f.endswith(".pdf")]) >= 2
     cells = json.loads((out / "cells.json").read_text())

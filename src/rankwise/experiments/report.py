@@ -234,8 +234,8 @@ def latex_tables(cells: list[Cell]) -> str:
 
 def _machine(info: dict) -> str:
     hw = info.get("hardware") or {}
-    where = hw.get("gpu") or (f"CPU, {hw['cpus']} cores" if hw.get("cpus") else "")
-    return f"{info.get('device', '?')} ({where})" if where else str(info.get("device", "?"))
+    where = hw.get("gpu") or (f"CPU, {hw['cpus']} cores" if hw.get("cpus") else "machine not recorded")
+    return f"{info.get('device', '?')} ({where})"
 
 
 def _environment(runs: list[RunResult], manifest: dict | None) -> list[str]:
