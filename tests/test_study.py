@@ -1,0 +1,76 @@
+"""The committed study (`studies/glue-minilm`): its experiment file validates, every committed run belongs to its
+grid, and `rankwise report` regenerates the tables and figures from the committed result files alone, with each
+number equal to one computed here straight from those files (numpy/scipy as the independent reference)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import missing, require
+from rankwise.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "studies" / "glue-minilm"
+DATA = ROOT.parent / "shared" / "data"
+
+
+def _metric(run_dir: Path, metric: str) -> float:
+    return float(json.loads((run_dir / "results.json").read_text())["eval"][metric])
+
+
+def _lora_params(run_dir: Path) -> int:
+    info = json.loads((run_dir / "results.json").read_text())
+    dynamic = (info.get("method_info") or {}).get("final_lora_params")
+    return int(dynamic if dynamic is not None else info["train_info"]["lora_params"])
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict:
+    return json.loads((STUDY / "sweep.json").read_text())
+
+
+def test_experiment_file_validates_and_every_committed_run_is_in_its_grid(manifest):
+    if not DATA.is_dir():
+        missing(f"the study's data sets are read from {DATA}")
+    from rankwise.experiments.spec import load_experiment
+
+    exp = load_experiment(STUDY / "experiment.yaml")
+    ids = {r.id for r in exp.runs()}
+    committed = {p.parent.name for p in (STUDY / "runs").glob("*/results.json")}
+    assert committed and committed <= ids, sorted(committed - ids)[:5]
+    assert {row["id"] for row in manifest["runs"]} == ids  # the manifest is the current grid's
+
+
+def test_report_regenerates_from_the_committed_results(tmp_path, manifest):
+    require("matplotlib", "the figures need matplotlib: pip install -e '.[plot]'")
+    out = tmp_path / "report"
+    assert main(["report", str(STUDY), "--out", str(out)]) == 0
+    md, tex = (out / "report.md").read_text(), (out / "tables.tex").read_text()
+    assert r"\toprule" in tex and "## Environment" in md
+    figures = list((out / "figures").iterdir())
+    assert len([f for f in figures if f.suffix == ".png"]) >= 3 and len([f for f in figures if f.suffix == ".pdf"]) >= 3
+
+    cells = json.loads((out / "cells.json").read_text())
+    assert cells
+    uniform = {(c["task"], c["budget"]): c for c in cells if c["method"] == "uniform"}
+    for c in cells:
+        dirs = [STUDY / r for r in c["runs"]]
+        values = [_metric(d, c["metric"]) for d in dirs]
+        assert c["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+        ref = uniform[(c["task"], c["budget"])]
+        if c["comparison"] is None:
+            continue
+        # every compared pair spends budgets within 2% of each other
+        for d in dirs:
+            assert abs(_lora_params(d) / ref["lora_params"] - 1) <= 0.02, d
+        # the paired difference and its test, recomputed from the files by seed
+        base = {s: _metric(STUDY / r, c["metric"]) for s, r in zip(ref["seeds"], ref["runs"])}
+        diffs = [v - base[s] for s, v in zip(c["seeds"], values) if s in base]
+        assert c["comparison"]["diff"] == pytest.approx(np.mean(diffs), abs=1e-12)
+        if len(diffs) > 1:
+            assert c["comparison"]["p"] == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue, rel=1e-9)
