@@ -9,7 +9,7 @@
 # Every sweep resumes: a run the time limit stops is redone by the next `rankwise sweep` of the same file.
 set -uo pipefail
 budget=${1:-560}
-jobs=${2:-12}
+jobs=${2:-3}   # runs side by side on the one GPU: they take turns on it (docs/study.md, "Cost")
 start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
 S=studies/glue-minilm
