@@ -34,14 +34,37 @@ def test_plain_training_trains_the_same_heads():
             assert copies <= trainable, head
 
 
-@pytest.mark.parametrize("saved,expected", [
-    (["classifier", "bert.pooler"], True), (["classification_head"], True), (["score"], True),
-    (["bert.pooler"], False), ([], False), (None, False)])
-def test_restores_head_reads_the_saved_modules(tmp_path, saved, expected):
-    """A run whose adapter saved a head outside the backbone restores it on load (so the base's report of a newly
-    initialised head is expected and hidden); a pooler alone is no head."""
+def test_outer_heads_are_what_a_backbone_checkpoint_lacks(tmp_path):
+    """Reference: transformers' own loading report. Loading a backbone-only checkpoint as a sequence classifier
+    initialises anew exactly the parameters under outer_heads (BERT's classifier, BART's classification_head)."""
+    from transformers import (BartConfig, BartForSequenceClassification, BartModel, BertConfig,
+                              BertForSequenceClassification, BertModel)
+
+    from rankwise.training.quantize import outer_heads
+
+    bert = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                      vocab_size=100)
+    bart = BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100)
+    for backbone, task_cls, cfg in ((BertModel, BertForSequenceClassification, bert),
+                                    (BartModel, BartForSequenceClassification, bart)):
+        folder = tmp_path / backbone.__name__
+        backbone(cfg).save_pretrained(folder)
+        model, info = task_cls.from_pretrained(folder, output_loading_info=True)
+        heads = outer_heads(model)
+        missing = set(info["missing_keys"])
+        under_heads = {n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in heads)}
+        assert heads and missing == under_heads, (heads, missing)
+
+
+@pytest.mark.parametrize("recorded,expected", [
+    (["classifier"], True), (["classification_head"], True), ([], False), (None, False), ("classifier", False)])
+def test_restores_head_reads_task_json(tmp_path, recorded, expected):
+    """A run that recorded restored heads at train time brings them on load (so the base's report of a newly
+    initialised head is expected and hidden); a run with none, or written before the key existed, does not."""
     from rankwise.training.runs import restores_head
 
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"modules_to_save": saved}))
+    task = {"task": "seq-cls"} if recorded is None else {"task": "seq-cls", "restored_heads": recorded}
+    (tmp_path / "task.json").write_text(json.dumps(task))
     assert restores_head(tmp_path) is expected
-
+    assert restores_head(tmp_path / "missing") is False

@@ -192,6 +192,27 @@ def test_by_budget_changes_only_its_cells(tmp_path, assets):
             assert args[args.index("--max-steps") + 1] == "2"
 
 
+def test_train_args_merge_field_by_field_at_every_level(tmp_path, assets):
+    """base -> task -> base.by_budget -> task.by_budget: each level that sets one train_args field keeps the
+    others (hand-written expectation), while any other setting is replaced."""
+    from rankwise.experiments.spec import load_experiment
+
+    exp = write_exp(tmp_path / "a.yaml", assets, methods="[uniform]", budgets="[2, 4]")
+    exp.write_text(exp.read_text().replace(
+        "toy: {data:", "toy: {train_args: {max_grad_norm: 0.5}, "
+                       "by_budget: {4: {train_args: {logging_steps: 7}}}, data:").replace(
+        "max_length: 16}", "max_length: 16, train_args: {logging_steps: 3, dataloader_drop_last: true}, "
+                           "by_budget: {4: {train_args: {max_grad_norm: 2.0}}}}"))
+
+    def fields(run):
+        args = run.train_args()
+        return sorted(args[i + 1] for i, a in enumerate(args) if a == "--train-arg")
+
+    runs = {r.budget: r for r in load_experiment(exp).runs()}
+    assert fields(runs[2]) == ["dataloader_drop_last=true", "logging_steps=3", "max_grad_norm=0.5"]
+    assert fields(runs[4]) == ["dataloader_drop_last=true", "logging_steps=7", "max_grad_norm=2.0"]
+
+
 @pytest.mark.parametrize("by_budget,match", [
     ("{8: {lr: 0.001}}", "tasks.toy.by_budget.8: 8 is not a budget of the grid; budgets: [2, 4]"),
     ("{4: {targets: all-linear}}", "tasks.toy.by_budget.4.targets: unknown key; allowed: epochs, lr"),

@@ -48,7 +48,12 @@ def test_binary_run_folder_and_reload(tmp_path, tiny_bert_dir):
     assert saved["run_info"]["preset"] == "balanced" and saved["run_info"]["versions"]["peft"]
 
     tok = AutoTokenizer.from_pretrained(out)
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    base, loading = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2,
+                                                                       output_loading_info=True)
+    # task.json names the heads the base checkpoint lacks (transformers' own report), which the adapter restores
+    restored = json.loads((out / "task.json").read_text())["restored_heads"]
+    assert restored == ["classifier"]
+    assert {k for k in loading["missing_keys"] if not k.startswith("classifier.")} == set()
     reloaded = PeftModel.from_pretrained(base, out).eval()  # plain peft, no rankwise
     texts = ["good movie", "the plot was awful and the actor poor"]
     diff = (_logits(model, tok, texts) - _logits(reloaded, tok, texts)).abs().max().item()
@@ -102,6 +107,7 @@ def test_causal_lm_instructions(tmp_path, tiny_llama_dir):
                              **{**FAST, "max_steps": 4, "max_length": 96})
     ev = results["eval"]
     assert results["run_info"]["task"] == "causal-lm"
+    assert json.loads((out / "task.json").read_text())["restored_heads"] == []  # lm_head is in the checkpoint
     assert {"eval_loss_before", "eval_loss", "perplexity"} <= set(ev) and ev["eval_loss"] < ev["eval_loss_before"]
     assert isinstance(predict(out, "Say good.", max_new_tokens=3, device="cpu")[0]["text"], str)
 

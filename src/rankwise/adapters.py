@@ -121,13 +121,14 @@ def _fit_heads(model, name: str, shapes: dict[str, tuple]) -> None:
             continue
         head = copy.deepcopy(wrapper.original_module)
         changed = False
-        for pname, param in list(head.named_parameters()):
-            shape = shapes.get(f"{path}.{pname}")
-            if shape is not None and tuple(param.shape) != shape:
-                owner = head.get_submodule(pname.rpartition(".")[0]) if "." in pname else head
-                setattr(owner, pname.rpartition(".")[2], torch.nn.Parameter(param.new_zeros(shape)))
-                if isinstance(owner, torch.nn.Linear) and pname.endswith("weight"):
+        for mname, owner in list(head.named_modules()):  # each parameter with the module that owns it
+            for pname, param in list(owner.named_parameters(recurse=False)):
+                shape = shapes.get(f"{path}.{mname}.{pname}" if mname else f"{path}.{pname}")
+                if shape is None or tuple(param.shape) == shape:
+                    continue
+                if isinstance(owner, torch.nn.Linear) and param is owner.weight:
                     owner.out_features, owner.in_features = shape
+                setattr(owner, pname, torch.nn.Parameter(param.new_zeros(shape)))
                 changed = True
         if changed:
             wrapper.modules_to_save[name] = head

@@ -144,11 +144,9 @@ class Experiment:
 
     def settings_for(self, task: str, budget) -> dict:
         """The task's settings as written, with what `by_budget` changes at this budget."""
-        written = dict(self.tasks[task])
-        over = self.by_budget.get(task, {}).get(budget, {})
-        for k, v in over.items():  # train_args merge key by key; every other setting is replaced
-            written[k] = {**written.get(k, {}), **v} if k == "train_args" else v
-        return written
+        from .validate import overlay
+
+        return overlay(self.tasks[task], self.by_budget.get(task, {}).get(budget, {}))
 
     def runs(self) -> list[Run]:
         """Every cell: tasks x seeds x budgets x methods, tasks in file order. Ids hash the cell as written.
@@ -244,7 +242,7 @@ def load_experiment(path: str | os.PathLike, *, check_budgets: bool = True) -> E
     by_budget = {}
     for task, written in task_by_budget.items():
         own = v.parse_by_budget(written, in_use, f"tasks.{task}.by_budget")
-        by_budget[task] = {b: {**shared.get(b, {}), **own.get(b, {})} for b in [*shared, *own]}
+        by_budget[task] = {b: v.overlay(shared.get(b, {}), own.get(b, {})) for b in [*shared, *own]}
     exp = Experiment(path=path.resolve(), name=str(raw.get("name") or path.parent.name),
                      description=str(raw.get("description") or ""), base=base, tasks=tasks, entries=entries,
                      budgets=budgets, seeds=v.parse_seeds(grid["seeds"], "grid.seeds"), resources=resources,

@@ -13,7 +13,7 @@ from .spec import (_COMMON_RANK, _LABEL_RE, _NOT_IN_ALL, _TASK_ONLY, BUDGET_SETT
                    MethodEntry, _expand, resolve_settings)
 
 __all__ = ["check_budgets_feasible", "parse_budgets", "parse_by_budget", "parse_entries", "parse_seeds",
-           "parse_tasks", "fail", "mapping", "check_keys"]
+           "parse_tasks", "fail", "mapping", "check_keys", "overlay"]
 
 
 def fail(where: str, msg: str):
@@ -142,6 +142,16 @@ def parse_seeds(raw, where: str) -> list[int]:
     return list(raw)
 
 
+def overlay(settings: dict, over: dict) -> dict:
+    """`settings` with `over` laid on top: train_args merge field by field (a task or budget that sets one field
+    keeps the others); every other setting is replaced. The one rule for base -> task -> budget."""
+    out = dict(settings)
+    for k, val in over.items():
+        both = k == "train_args" and isinstance(val, dict) and isinstance(out.get(k), dict)
+        out[k] = {**out[k], **val} if both else val
+    return out
+
+
 def parse_tasks(raw, base: dict, folder: Path) -> tuple[dict, dict, dict]:
     """(settings per task with base merged in, headline metric per task, `by_budget` per task as written)."""
     raw = mapping(raw, "tasks")
@@ -155,7 +165,7 @@ def parse_tasks(raw, base: dict, folder: Path) -> tuple[dict, dict, dict]:
         settings = dict(mapping(settings, w))
         check_keys(settings, SETTINGS + _TASK_ONLY + ("by_budget",), w)
         by_budget[str(name)] = mapping(settings.pop("by_budget", None), f"{w}.by_budget")
-        merged = {**base, **settings}
+        merged = overlay(base, settings)
         if not isinstance(merged.get("train_args", {}), dict):
             fail(f"{w}.train_args", "must be a mapping of TrainingArguments fields, e.g. {logging_steps: 5}")
         for key in ("model", "data"):

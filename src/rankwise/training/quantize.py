@@ -16,7 +16,8 @@ from ..types import RankwiseError
 
 __all__ = ["QUANTIZE", "QUANT_TYPES", "COMPUTE_DTYPES", "MIN_BITSANDBYTES", "QuantSpec", "quant_spec",
            "run_quantization", "require_bitsandbytes", "keep_float_modules", "load_kwargs", "check_quantized",
-           "same_kernels", "prepare", "quantized_layers", "count_params", "model_memory"]
+           "same_kernels", "prepare", "quantized_layers", "count_params", "model_memory", "head_modules",
+           "outer_heads"]
 
 QUANTIZE = ("4bit", "8bit")
 QUANT_TYPES = ("nf4", "fp4")
@@ -102,15 +103,24 @@ def require_bitsandbytes() -> None:
                             f"{bitsandbytes.__version__}: {_INSTALL}")
 
 
+def outer_heads(model) -> list[str]:
+    """The children with weights outside the backbone (`base_model_prefix`): the heads that a checkpoint saved for
+    another task lacks, so loading it initialises them anew. Empty when the model is its own backbone."""
+    prefix = getattr(model, "base_model_prefix", "")
+    children = dict(model.named_children())
+    if prefix not in children:
+        return []
+    return [n for n, m in children.items() if n != prefix and any(True for _ in m.parameters())]
+
+
 def head_modules(model) -> list[str]:
     """Fully qualified names of a task model's heads, found by structure, not by name: every child with weights
     outside the backbone (`base_model_prefix`: classifier, score, lm_head, BART's classification_head, ...), the
     output embeddings (by identity), and the backbone's pooler (trained with the classifier). Outermost names."""
     prefix = getattr(model, "base_model_prefix", "")
     children = dict(model.named_children())
-    names = []
+    names = outer_heads(model)
     if prefix in children:  # else the model is its own backbone: its only head is the output embeddings
-        names = [n for n, m in children.items() if n != prefix and any(True for _ in m.parameters())]
         names += [f"{prefix}.{n}" for n, _ in children[prefix].named_children() if n in HEAD_NAMES]
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is not None:

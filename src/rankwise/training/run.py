@@ -31,7 +31,7 @@ from .prepare import (
     resolve_model_path,
     say,
 )
-from .quantize import count_params, head_modules, model_memory, run_quantization
+from .quantize import count_params, head_modules, model_memory, outer_heads, run_quantization
 from .guards import check_finite_weights, run_warnings
 from .tasks import TruncationNotice, load_model, load_tokenizer
 from .checkpoints import (
@@ -213,6 +213,8 @@ def train_model(
                     "rslora": rslora},
             options=dict(method_options or {}), progress=progress, seed=seed, train_dataset=s["train"],
             collate=s["collate"], data=str(data), plan_source=model_path if quant is not None else None)
+        # the seq-cls heads the base checkpoint lacks: saved in the adapter (modules_to_save), restored on load
+        restored = outer_heads(base) if s["task"] == "seq-cls" else []
         built = the_method.build(base, ctx)
         peft_model, the_plan, adapter = built.model, built.plan, {"method": method, **built.info}
         # 3. train and evaluate inside a temp folder beside `out`, then rename it into place
@@ -238,7 +240,7 @@ def train_model(
                 results["method_info"] = method_info
             results["warnings"] = run_warnings(s["task"], s["info"], evaluation, train_info.get("train_loss"))
             _save(tmp, the_method, built, s["tokenizer"], results, model, model_path, s["task"], s["info"],
-                  s["length"])
+                  s["length"], restored)
     if not is_main_process():
         return results, peft_model.eval()
     close_checkpoints(out)  # the run folder is in place: its checkpoints are spent
@@ -346,7 +348,7 @@ def _fit(method, built, ctx, s: dict, hp: dict, seed: int, dev: str, progress: b
     return evaluation, train_info, method_info
 
 
-def _save(tmp: Path, method, built, tokenizer, results, model, model_path, task, info, length) -> None:
+def _save(tmp: Path, method, built, tokenizer, results, model, model_path, task, info, length, restored) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     method.save(built, tmp)
     tokenizer.save_pretrained(str(tmp))
@@ -354,6 +356,7 @@ def _save(tmp: Path, method, built, tokenizer, results, model, model_path, task,
         built.plan.write_json(tmp / "plan.json")
     task_info = {"schema": 1, "task": task, "method": method.name, "base_model": str(model), "base_model_path": str(model_path),
                  "max_length": length, "prompt_template": "alpaca" if info.kind == "instruction" else None,
-                 "data": info.to_dict(), "quantization": results["run_info"].get("quantization")}
+                 "data": info.to_dict(), "quantization": results["run_info"].get("quantization"),
+                 "restored_heads": restored}
     (tmp / "task.json").write_text(json.dumps(task_info, indent=2) + "\n")
     (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -56,16 +56,14 @@ def _base_path(task_info: dict) -> str:
 
 
 def restores_head(run_dir) -> bool:
-    """True when the run's adapter carries the task head (modules_to_save), so the base's missing head is expected."""
-    for name in ("adapter_config.json", "multirank_config.json"):
-        try:
-            cfg = json.loads((Path(run_dir) / name).read_text())
-        except (OSError, ValueError, UnicodeDecodeError):
-            continue
-        # any saved module other than the backbone's pooler is a head outside the backbone (training.quantize)
-        if isinstance(cfg, dict) and any(str(n).split(".")[-1] != "pooler" for n in cfg.get("modules_to_save") or ()):
-            return True
-    return False
+    """True when the run's adapter brings the task heads that the base checkpoint lacks (task.json's
+    `restored_heads`, recorded by structure at train time), so the base's "newly initialized" report is expected.
+    Runs written before that key existed answer False: the report shows, which is harmless."""
+    try:
+        heads = json.loads((Path(run_dir) / "task.json").read_text()).get("restored_heads")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+    return bool(heads) and isinstance(heads, list)
 
 
 def load_run_model(run_dir: str | os.PathLike, device: str = "cpu", full_precision: bool = False):

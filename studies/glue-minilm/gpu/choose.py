@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from rankwise.experiments.spec import load_experiment
+from rankwise.experiments.spec import Experiment, load_experiment
 
 HERE = Path(__file__).resolve().parent.parent
 METRIC = {"rte": "eval_accuracy", "cola": "eval_mcc"}
@@ -25,8 +25,9 @@ MAJORITY = {"rte": 146 / 277, "cola": 0.0}  # RTE validation: 146 of 277 are lab
 SECOND_PASS = ["activation", "peft_eva", "multirank"]
 
 
-def scores(check: Path) -> dict:
-    """(task, candidate, budget) -> {seed: metric} for every finished run of the settings check."""
+def scores(check: Path) -> tuple[dict, Experiment]:
+    """((task, candidate, budget) -> {seed: metric} for every finished run of the settings check, the check's
+    experiment)."""
     exp = load_experiment(HERE / "settings-gpu.yaml", check_budgets=False)
     out: dict = {}
     for run in exp.runs():
