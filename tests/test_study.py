@@ -1,4 +1,4 @@
-"""The committed study (`studies/glue-minilm`): its experiment file validates, every committed run belongs to its
+"""The committed studies (`studies/glue-minilm`, `studies/smollm2-alpaca`): each experiment file validates, every committed run belongs to its
 grid, and `rankwise report` regenerates the tables and figures from the committed result files alone, with each
 number equal to one computed here straight from those files (numpy/scipy as the independent reference)."""
 
@@ -15,7 +15,7 @@ from conftest import missing, require
 from rankwise.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDY = ROOT / "studies" / "glue-minilm"
+STUDIES = ["glue-minilm", "smollm2-alpaca"]
 DATA = ROOT.parent / "shared" / "data"
 
 
@@ -29,27 +29,28 @@ def _lora_params(run_dir: Path) -> int:
     return int(dynamic if dynamic is not None else info["train_info"]["lora_params"])
 
 
-@pytest.fixture(scope="module")
-def manifest() -> dict:
-    return json.loads((STUDY / "sweep.json").read_text())
+@pytest.fixture(scope="module", params=STUDIES)
+def study(request) -> Path:
+    return ROOT / "studies" / request.param
 
 
-def test_experiment_file_validates_and_every_committed_run_is_in_its_grid(manifest):
+def test_experiment_file_validates_and_every_committed_run_is_in_its_grid(study):
+    manifest = json.loads((study / "sweep.json").read_text())
     if not DATA.is_dir():
         missing(f"the study's data sets are read from {DATA}")
     from rankwise.experiments.spec import load_experiment
 
-    exp = load_experiment(STUDY / "experiment.yaml")
+    exp = load_experiment(study / "experiment.yaml")
     ids = {r.id for r in exp.runs()}
-    committed = {p.parent.name for p in (STUDY / "runs").glob("*/results.json")}
+    committed = {p.parent.name for p in (study / "runs").glob("*/results.json")}
     assert committed and committed <= ids, sorted(committed - ids)[:5]
     assert {row["id"] for row in manifest["runs"]} == ids  # the manifest is the current grid's
 
 
-def test_report_regenerates_from_the_committed_results(tmp_path, manifest):
+def test_report_regenerates_from_the_committed_results(tmp_path, study):
     require("matplotlib", "the figures need matplotlib: pip install -e '.[plot]'")
     out = tmp_path / "report"
-    assert main(["report", str(STUDY), "--out", str(out)]) == 0
+    assert main(["report", str(study), "--out", str(out)]) == 0
     md, tex = (out / "report.md").read_text(), (out / "tables.tex").read_text()
     assert r"\toprule" in tex and "## Environment" in md
     figures = list((out / "figures").iterdir())
@@ -59,7 +60,7 @@ def test_report_regenerates_from_the_committed_results(tmp_path, manifest):
     assert cells
     uniform = {(c["task"], c["budget"]): c for c in cells if c["method"] == "uniform"}
     for c in cells:
-        dirs = [STUDY / r for r in c["runs"]]
+        dirs = [study / r for r in c["runs"]]
         values = [_metric(d, c["metric"]) for d in dirs]
         assert c["mean"] == pytest.approx(np.mean(values), abs=1e-12)
         ref = uniform[(c["task"], c["budget"])]
@@ -69,7 +70,7 @@ def test_report_regenerates_from_the_committed_results(tmp_path, manifest):
         for d in dirs:
             assert abs(_lora_params(d) / ref["lora_params"] - 1) <= 0.02, d
         # the paired difference and its test, recomputed from the files by seed
-        base = {s: _metric(STUDY / r, c["metric"]) for s, r in zip(ref["seeds"], ref["runs"])}
+        base = {s: _metric(study / r, c["metric"]) for s, r in zip(ref["seeds"], ref["runs"])}
         diffs = [v - base[s] for s, v in zip(c["seeds"], values) if s in base]
         assert c["comparison"]["diff"] == pytest.approx(np.mean(diffs), abs=1e-12)
         if len(diffs) > 1:
