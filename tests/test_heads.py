@@ -59,12 +59,10 @@ def test_outer_heads_are_what_a_backbone_checkpoint_lacks(tmp_path):
 
 @pytest.mark.parametrize("recorded,expected", [
     (["classifier"], True), (["classification_head"], True), ([], False), (None, False), ("classifier", False)])
-def test_restores_head_reads_task_json(tmp_path, recorded, expected):
+def test_restores_head_reads_task_json(recorded, expected):
     """A run that recorded restored heads at train time brings them on load (so the base's report of a newly
     initialised head is expected and hidden); a run with none, or written before the key existed, does not."""
     from rankwise.training.runs import restores_head
 
     task = {"task": "seq-cls"} if recorded is None else {"task": "seq-cls", "restored_heads": recorded}
-    (tmp_path / "task.json").write_text(json.dumps(task))
-    assert restores_head(tmp_path) is expected
-    assert restores_head(tmp_path / "missing") is False
+    assert restores_head(json.loads(json.dumps(task))) is expected  # as read back from task.json

@@ -345,7 +345,7 @@ def load_adapters(runs: Mapping[str, str | os.PathLike] | str | Sequence[str], *
     base_path = _check_same_base(read)
     first = next(iter(read.values()))
     # every adapter brings its own head: the base's "newly initialized" head report would be a false alarm
-    with quiet_libraries(not all(restores_head(r.run_dir) for r in read.values())):
+    with quiet_libraries(not all(restores_head(r.task) for r in read.values())):
         model = load_model(base_path, first.task["task"], first.info)
     for name, run in read.items():
         model = _attach(model, name, run)

@@ -55,15 +55,12 @@ def _base_path(task_info: dict) -> str:
     raise RankwiseError(f"the run's base model {path} no longer exists; put it back, or retrain")
 
 
-def restores_head(run_dir) -> bool:
-    """True when the run's adapter brings the task heads that the base checkpoint lacks (task.json's
-    `restored_heads`, recorded by structure at train time), so the base's "newly initialized" report is expected.
-    Runs written before that key existed answer False: the report shows, which is harmless."""
-    try:
-        heads = json.loads((Path(run_dir) / "task.json").read_text()).get("restored_heads")
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-        return False
-    return bool(heads) and isinstance(heads, list)
+def restores_head(task_info: dict) -> bool:
+    """True when the run (its task.json dict) records task heads that the base checkpoint lacks (`restored_heads`,
+    found by structure at train time), so the base's "newly initialized" report is expected. Runs written before
+    that key existed answer False: the report shows, which is harmless."""
+    heads = task_info.get("restored_heads")
+    return isinstance(heads, list) and bool(heads)
 
 
 def load_run_model(run_dir: str | os.PathLike, device: str = "cpu", full_precision: bool = False):
@@ -80,7 +77,7 @@ def load_run_model(run_dir: str | os.PathLike, device: str = "cpu", full_precisi
     quant = None if full_precision else QuantSpec.from_dict(task_info.get("quantization"))
     # The head is new to the base checkpoint but restored from the adapter: transformers' "newly initialized"
     # report would be a false alarm here
-    with quiet_libraries(not restores_head(run_dir)):
+    with quiet_libraries(not restores_head(task_info)):
         base = load_model(_base_path(task_info), task_info["task"], info, quantization=quant, device=device)
     model = method.load(base, run_dir)
     model = (model if quant is not None else model.to(device)).eval()  # quantised: loaded onto `device` already
