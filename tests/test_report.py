@@ -11,7 +11,7 @@ from conftest import require
 from scipy import stats
 
 from rankwise.cli import main
-from rankwise.experiments.report import build_cells, paired_t, summarize
+from rankwise.experiments.report import build_cells, holm, paired_t, summarize
 from rankwise.experiments.results import collect
 
 SEEDS = [0, 1, 2, 3]
@@ -78,6 +78,15 @@ def test_summary_and_paired_t_match_numpy_and_scipy():
     assert one["diff"] == 0.5 and math.isnan(one["lo"]) and math.isnan(one["p"])
 
 
+def test_holm_matches_a_hand_computation():
+    # sorted p: 0.005, 0.01, 0.03, 0.04 (m = 4) -> 4*0.005 = 0.02, 3*0.01 = 0.03, 2*0.03 = 0.06, then 1*0.04 = 0.04
+    # is raised to 0.06 (adjusted p never fall along the order); 0.5 * 5 caps at 1; nan is not a test
+    got = holm([0.01, 0.04, math.nan, 0.03, 0.005])
+    assert got[:2] == [pytest.approx(0.03), pytest.approx(0.06)]
+    assert math.isnan(got[2]) and got[3:] == [pytest.approx(0.06), pytest.approx(0.02)]
+    assert holm([0.5, 0.6]) == [1.0, 1.0] and holm([]) == []
+
+
 def test_cells_compare_within_tolerance_and_bold_only_when_interval_excludes_zero(sweep_dir):
     runs, notes = collect(sweep_dir)
     assert len(runs) == 16 and notes == []
@@ -92,6 +101,11 @@ def test_cells_compare_within_tolerance_and_bold_only_when_interval_excludes_zer
     assert cells["noisy"].cmp["lo"] < 0 < cells["noisy"].cmp["hi"]
     assert cells["noisy"].cmp["p"] == pytest.approx(stats.ttest_rel(VALUES["noisy"], VALUES["uniform"]).pvalue)
     assert cells["noisy"].cmp["diff"] == pytest.approx(noisy.mean())
+    # two comparisons in the task (good, noisy): Holm doubles the smaller p, and the larger stays at least that
+    p_good, p_noisy = cells["good"].cmp["p"], cells["noisy"].cmp["p"]
+    assert p_good < p_noisy
+    assert cells["good"].cmp["p_holm"] == pytest.approx(min(1, 2 * p_good))
+    assert cells["noisy"].cmp["p_holm"] == pytest.approx(max(min(1, 2 * p_good), p_noisy))
     # a looser tolerance lets the costly method in
     loose = {c.label: c for c in build_cells(runs, {"toy": "eval_accuracy"}, tolerance=0.06)}
     assert loose["costly"].cmp is not None and loose["costly"].bold
@@ -120,10 +134,13 @@ def test_report_regenerates_from_result_files_alone(sweep_dir, tmp_path, capsys)
     cells = json.loads((out / "cells.json").read_text())
     good_cell = next(c for c in cells if c["method"] == "good")
     assert good_cell["values"] == VALUES["good"] and len(good_cell["runs"]) == 4
-    # the same input gives the same tables
+    # the same input gives the same tables and byte-identical figures (no creation date in the PDFs), so a
+    # committed report changes only where its numbers do
     before = tex
-    assert main(["report", str(sweep_dir), "--out", str(tmp_path / "again"), "--no-figures"]) == 0
+    assert main(["report", str(sweep_dir), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "tables.tex").read_text() == before
+    for f in figs:
+        assert (tmp_path / "again" / "figures" / f).read_bytes() == (out / "figures" / f).read_bytes(), f
 
 
 def test_report_without_manifest_and_unfinished_runs(sweep_dir, tmp_path):

@@ -5,6 +5,7 @@ number equal to one computed here straight from those files (numpy/scipy as the 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +76,11 @@ def test_report_regenerates_from_the_committed_results(tmp_path, study):
         assert c["comparison"]["diff"] == pytest.approx(np.mean(diffs), abs=1e-12)
         if len(diffs) > 1:
             assert c["comparison"]["p"] == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue, rel=1e-9)
+    # Holm over each task's compared cells, in its closed form: the largest (m - rank) * p among p-values no larger
+    for task in {c["task"] for c in cells}:
+        ps = sorted(c["comparison"]["p"] for c in cells if c["task"] == task and c["comparison"]
+                    and not math.isnan(c["comparison"]["p"]))
+        for c in cells:
+            if c["task"] == task and c["comparison"] and not math.isnan(c["comparison"]["p"]):
+                want = max(min(1.0, (len(ps) - k) * q) for k, q in enumerate(ps) if q <= c["comparison"]["p"])
+                assert c["comparison"]["p_holm"] == pytest.approx(want, rel=1e-12)

@@ -51,9 +51,16 @@ def plot_plan(plan, path: str | os.PathLike, title: str | None = None) -> str:
     fig.colorbar(im, ax=ax, label="LoRA rank")
     ax.set_title(title or f"{plan.strategy}: {plan.spent:,} / {plan.budget.params:,} trainable parameters")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _write(fig, path, dpi=120)
     plt.close(fig)
     return str(path)
+
+
+def _write(fig, path, **kw) -> None:
+    # No creation date in a PDF: regenerating a report from the same results rewrites identical PDF and PNG
+    # files, so a committed report changes only where its numbers do.
+    meta = {"CreationDate": None} if str(path).lower().endswith(".pdf") else None
+    fig.savefig(path, metadata=meta, **kw)
 
 
 def _save(fig, stem) -> list[str]:
@@ -62,7 +69,7 @@ def _save(fig, stem) -> list[str]:
     paths = []
     for ext in ("png", "pdf"):
         path = f"{stem}.{ext}"
-        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
+        _write(fig, path, dpi=150 if ext == "png" else None, bbox_inches="tight")
         paths.append(path)
     plt.close(fig)
     return paths
@@ -128,7 +135,7 @@ def plot_multirank(rows: list[dict], path: str | os.PathLike, title: str | None 
     ax2.legend(fontsize=6)
     fig.suptitle(title or "multi-rank LoRA: branch contributions and discovered ranks")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _write(fig, path, dpi=120)
     plt.close(fig)
     return str(path)
 
@@ -156,6 +163,6 @@ def plot_rank_history(history: dict, path: str | os.PathLike, title: str | None 
     ax.set_title(title or f"AdaLoRA ranks: {int(grid[:, 0].sum())} -> {int(final.sum())} triplets, final "
                           f"{int(final.min())}..{int(final.max())} per layer")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _write(fig, path, dpi=120)
     plt.close(fig)
     return str(path)
