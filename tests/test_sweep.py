@@ -153,11 +153,11 @@ def test_run_ids_follow_the_cell(tmp_path, assets):
 
 def test_runs_go_block_by_block_and_train_args_pass_through(tmp_path, assets):
     """Seeds, then budgets, then methods: every method of (seed 0, budget 2) comes before any seed-1 run; and
-    train_args / warmup_ratio reach `rankwise train` as its own flags."""
+    train_args / warmup_ratio / eval_steps reach `rankwise train` as its own flags."""
     from rankwise.experiments.spec import load_experiment
 
     exp = write_exp(tmp_path / "a.yaml", assets, methods="[uniform, depth]", seeds="[0, 1]", budgets="[2, 4]")
-    exp.write_text(exp.read_text().replace("max_length: 16}", "max_length: 16, warmup_ratio: 0.1, "
+    exp.write_text(exp.read_text().replace("max_length: 16}", "max_length: 16, warmup_ratio: 0.1, eval_steps: 5, "
                                            "train_args: {train_sampling_strategy: group_by_length}}"))
     runs = load_experiment(exp).runs()
     assert [(r.seed, r.budget, r.label) for r in runs] == [
@@ -167,6 +167,7 @@ def test_runs_go_block_by_block_and_train_args_pass_through(tmp_path, assets):
     i = args.index("--train-arg")
     assert args[i + 1] == "train_sampling_strategy=group_by_length"
     assert args[args.index("--warmup-ratio") + 1] == "0.1"
+    assert args[args.index("--eval-steps") + 1] == "5"  # a learning curve on the validation set per run
 
 
 def test_by_budget_changes_only_its_cells(tmp_path, assets):
