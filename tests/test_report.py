@@ -40,7 +40,10 @@ def _results(method: str, seed: int, value: float) -> dict:
                      "versions": {"rankwise": "0.1.0", "torch": "x"}, "command": f"rankwise train ... --seed {seed}"},
         "train_info": {"lora_params": PARAMS[method], "trainable_params": PARAMS[method] + 10,
                        "wall_time_s": 10.0 + seed, "peak_memory_bytes": (100 + seed) * 2**20,
-                       "loss_curve": [{"step": s, "loss": 1.0 / (s + seed + 1)} for s in range(1, 6)]},
+                       "loss_curve": [{"step": s, "loss": 1.0 / (s + seed + 1)} for s in range(1, 6)],
+                       # --eval-steps 2: evaluations at steps 2 and 4 (and the final one, which eval holds)
+                       "eval_curve": [{"step": s, "eval_loss": 0.7, "eval_accuracy": value - 0.1 / s}
+                                      for s in (2, 4)]},
         "eval": {"eval_accuracy": value, "eval_mcc": value - 0.5},
     }
 
@@ -131,6 +134,7 @@ def test_report_regenerates_from_result_files_alone(sweep_dir, tmp_path, capsys)
     assert "- toy trained on: cpu (CPU, 2 cores); cpu (machine not recorded); cuda (NVIDIA H200)" in md
     figs = sorted(p.name for p in (out / "figures").iterdir())
     assert len([f for f in figs if f.endswith(".png")]) >= 2 and len([f for f in figs if f.endswith(".pdf")]) >= 2
+    assert {"loss-toy-r4.png", "eval-toy-r4.png", "eval-toy-r4.pdf"} <= set(figs)  # validation curve drawn
     cells = json.loads((out / "cells.json").read_text())
     good_cell = next(c for c in cells if c["method"] == "good")
     assert good_cell["values"] == VALUES["good"] and len(good_cell["runs"]) == 4
@@ -141,6 +145,19 @@ def test_report_regenerates_from_result_files_alone(sweep_dir, tmp_path, capsys)
     assert (tmp_path / "again" / "tables.tex").read_text() == before
     for f in figs:
         assert (tmp_path / "again" / "figures" / f).read_bytes() == (out / "figures" / f).read_bytes(), f
+
+
+def test_validation_curve_is_the_task_metric_averaged_over_seeds(sweep_dir):
+    from rankwise.experiments.figures import _mean_curve
+
+    runs, _ = collect(sweep_dir)
+    good = sorted((r for r in runs if r.label == "good"), key=lambda r: r.seed)
+    steps, values = _mean_curve(good, "eval_curve", "eval_accuracy")
+    # hand: each seed logs value - 0.1 / step at steps 2 and 4
+    assert steps == [2, 4]
+    assert values == [pytest.approx(np.mean(VALUES["good"]) - 0.05), pytest.approx(np.mean(VALUES["good"]) - 0.025)]
+    # runs without --eval-steps have no curve: nothing to draw, no error
+    assert _mean_curve(good, "eval_curve", "eval_mcc") == ([], [])
 
 
 def test_report_without_manifest_and_unfinished_runs(sweep_dir, tmp_path):

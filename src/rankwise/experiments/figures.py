@@ -24,24 +24,30 @@ def _metric_vs_params(cells, out: Path) -> list[str]:
     return paths
 
 
-def _mean_curve(runs) -> tuple[list, list]:
-    """Loss at the steps every seed logged, averaged over seeds."""
-    curves = [{p["step"]: p["loss"] for p in r.train_info.get("loss_curve", [])} for r in runs]
+def _mean_curve(runs, curve: str = "loss_curve", key: str = "loss") -> tuple[list, list]:
+    """`key` at the steps every seed logged in train_info[curve], averaged over seeds."""
+    curves = [{p["step"]: p[key] for p in r.train_info.get(curve, []) if key in p} for r in runs]
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     return steps, [sum(c[s] for c in curves) / len(curves) for s in steps]
 
 
-def _loss_curves(cells, out: Path) -> list[str]:
+def _curves(cells, out: Path, curve: str, prefix: str) -> list[str]:
+    """One figure per task x budget, one line per method: the training loss, or (prefix "eval") the task's
+    metric on the validation set at each --eval-steps evaluation, where the runs recorded one."""
     paths = []
     for key in dict.fromkeys((c.task, c.budget) for c in cells):
+        group = [c for c in cells if (c.task, c.budget) == key]
+        field = "loss" if curve == "loss_curve" else group[0].metric
         curves = {}
-        for c in (c for c in cells if (c.task, c.budget) == key):
-            steps, losses = _mean_curve(c.runs)
-            if steps:
-                curves[c.label] = (steps, losses)
+        for c in group:
+            steps, values = _mean_curve(c.runs, curve, field)
+            if len(steps) > (0 if curve == "loss_curve" else 1):  # one evaluation is the final one, not a curve
+                curves[c.label] = (steps, values)
         if curves:
-            paths += plots.plot_loss_curves(curves, out / f"loss-{key[0]}-{key[1]}",
-                                            title=f"{key[0]}, budget {key[1]}: training loss")
+            what = "training loss" if curve == "loss_curve" else f"validation {field}"
+            paths += plots.plot_loss_curves(curves, out / f"{prefix}-{key[0]}-{key[1]}",
+                                            title=f"{key[0]}, budget {key[1]}: {what}",
+                                            ylabel=f"{what} (mean over seeds)")
     return paths
 
 
@@ -69,4 +75,5 @@ def _plans(cells, out: Path) -> list[str]:
 def draw_figures(cells, out: str | Path) -> list[str]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return _metric_vs_params(cells, out) + _loss_curves(cells, out) + _plans(cells, out)
+    return (_metric_vs_params(cells, out) + _curves(cells, out, "loss_curve", "loss")
+            + _curves(cells, out, "eval_curve", "eval") + _plans(cells, out))

@@ -95,14 +95,16 @@ def plot_metric_vs_params(series: dict, stem: str | os.PathLike, *, metric: str,
     return _save(fig, stem)
 
 
-def plot_loss_curves(curves: dict, stem: str | os.PathLike, *, title: str) -> list[str]:
-    """Training loss over optimizer steps, one line per method (`curves`: {method: (steps, losses)})."""
+def plot_loss_curves(curves: dict, stem: str | os.PathLike, *, title: str,
+                     ylabel: str = "training loss (mean over seeds)") -> list[str]:
+    """A curve over optimizer steps, one line per method (`curves`: {method: (steps, values)}): the training
+    loss, or with `ylabel` any other per-step series (the validation metric of --eval-steps)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (steps, losses) in curves.items():
         ax.plot(steps, losses, label=label, linewidth=2.5 if label == "uniform" else 1.2)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (mean over seeds)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
