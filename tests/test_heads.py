@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -65,4 +63,4 @@ def test_restores_head_reads_task_json(recorded, expected):
     from rankwise.training.runs import restores_head
 
     task = {"task": "seq-cls"} if recorded is None else {"task": "seq-cls", "restored_heads": recorded}
-    assert restores_head(json.loads(json.dumps(task))) is expected  # as read back from task.json
+    assert restores_head(task) is expected

@@ -101,8 +101,8 @@ def plot_loss_curves(curves: dict, stem: str | os.PathLike, *, title: str,
     loss, or with `ylabel` any other per-step series (the validation metric of --eval-steps)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (steps, losses) in curves.items():
-        ax.plot(steps, losses, label=label, linewidth=2.5 if label == "uniform" else 1.2)
+    for label, (steps, values) in curves.items():
+        ax.plot(steps, values, label=label, linewidth=2.5 if label == "uniform" else 1.2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -124,7 +124,7 @@ def build_cells(runs: list[RunResult], metrics: dict | None = None, tolerance: f
     for ti, task in enumerate(tasks, 1):
         trs = [r for r in runs if r.task == task]
         metric = _metric_for(task, trs, metrics)
-        row = 0
+        row, task_cells = 0, []
         for budget in sorted({r.budget for r in trs}, key=_budget_key):
             group = []
             for label in _order(r.label for r in trs if r.budget == budget):
@@ -135,10 +135,11 @@ def build_cells(runs: list[RunResult], metrics: dict | None = None, tolerance: f
                 c.lora_params = round(sum(r.lora_params for r in rs) / len(rs))
                 group.append(c)
             _compare(group, tolerance)
-            cells += group
-        family = [c for c in cells if c.task == task and c.cmp is not None]
+            task_cells += group
+        family = [c for c in task_cells if c.cmp is not None]  # Holm's family: every comparison of the task
         for c, adj in zip(family, holm([c.cmp["p"] for c in family])):
             c.cmp["p_holm"] = adj
+        cells += task_cells
     return cells
 
 
@@ -246,8 +247,8 @@ def latex_tables(cells: list[Cell]) -> str:
         out += [r"\bottomrule", r"\end{tabular}",
                 rf"\caption{{{_tex(task)}: {_tex(tc[0].metric)}, mean $\pm$ std over seeds; $\Delta$: paired "
                 r"difference to uniform LoRA at the same budget with a 95\% $t$ interval across seeds, $p$ of the "
-                r"paired $t$-test, and $p$ Holm-adjusted over the task's comparisons; bold: best cell whose interval excludes zero. Cell ids map to run folders in "
-                r"the report's appendix.}", rf"\label{{tab:{_tex(task)}}}", r"\end{table}", ""]
+                r"paired $t$-test, and $p$ Holm-adjusted over the task's comparisons; bold: best cell whose "
+                r"interval excludes zero. Cell ids map to run folders in the report's appendix.}", rf"\label{{tab:{_tex(task)}}}", r"\end{table}", ""]
     return "\n".join(out)
 
 

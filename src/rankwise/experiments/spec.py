@@ -35,11 +35,12 @@ TOP_KEYS = ("name", "description", "base", "tasks", "grid", "resources")
 GRID_KEYS = ("methods", "budgets", "seeds")
 ENTRY_KEYS = ("strategy", "method", "options", "label", "budgets")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
-# `rankwise train` settings an experiment may set (base or per task); each becomes --key-with-dashes.
+# `rankwise train` settings an experiment may set (base or per task); each becomes --key-with-dashes, except
+# train_args: {key: value} -> --train-arg key=value (any TrainingArguments field).
 SETTINGS = ("model", "data", "task", "text_columns", "label_column", "validation_split", "max_train_samples",
             "max_eval_samples", "max_length", "targets", "lora_alpha", "lora_dropout", "dora", "rslora", "epochs",
             "lr", "batch_size", "max_steps", "device", "warmup_ratio", "weight_decay", "scheduler", "grad_accum",
-            "eval_steps", "train_args")  # train_args: {key: value} -> --train-arg key=value (any TrainingArguments field)
+            "eval_steps", "train_args")
 # What `by_budget` may change at one budget: training settings only, never the model, targets or data.
 BUDGET_SETTINGS = ("epochs", "lr", "batch_size", "max_steps", "warmup_ratio", "weight_decay", "scheduler",
                    "grad_accum", "lora_alpha", "lora_dropout", "train_args")
