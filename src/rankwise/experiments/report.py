@@ -248,7 +248,8 @@ def latex_tables(cells: list[Cell]) -> str:
                 rf"\caption{{{_tex(task)}: {_tex(tc[0].metric)}, mean $\pm$ std over seeds; $\Delta$: paired "
                 r"difference to uniform LoRA at the same budget with a 95\% $t$ interval across seeds, $p$ of the "
                 r"paired $t$-test, and $p$ Holm-adjusted over the task's comparisons; bold: best cell whose "
-                r"interval excludes zero. Cell ids map to run folders in the report's appendix.}", rf"\label{{tab:{_tex(task)}}}", r"\end{table}", ""]
+                r"interval excludes zero. Cell ids map to run folders in the report's appendix.}",
+                rf"\label{{tab:{_tex(task)}}}", r"\end{table}", ""]
     return "\n".join(out)
 
 

