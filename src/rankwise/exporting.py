@@ -190,6 +190,10 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, format: str = 
         import sys
 
         print(f"wrote {out} ({format}, from a {method.name} run)", file=sys.stderr)
+        if json.loads((run_dir / "task.json").read_text()).get("pair_encoding") == "separate":
+            print("note: this run encodes sentence pairs separately; rankwise eval/predict apply that, but plain "
+                  "peft/transformers need rankwise.training.pairs.separate_pairs(model) on the base model first "
+                  "(docs/train.md)", file=sys.stderr)
     return out
 
 

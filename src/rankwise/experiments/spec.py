@@ -40,7 +40,7 @@ RESOURCE_KEYS = ("num_cpus", "num_gpus")
 SETTINGS = ("model", "data", "task", "text_columns", "label_column", "validation_split", "max_train_samples",
             "max_eval_samples", "max_length", "targets", "lora_alpha", "lora_dropout", "dora", "rslora", "epochs",
             "lr", "batch_size", "max_steps", "device", "warmup_ratio", "weight_decay", "scheduler", "grad_accum",
-            "eval_steps", "train_args")
+            "eval_steps", "train_args", "pair_encoding")
 # What `by_budget` may change at one budget: training settings only, never the model, targets or data.
 BUDGET_SETTINGS = ("epochs", "lr", "batch_size", "max_steps", "warmup_ratio", "weight_decay", "scheduler",
                    "grad_accum", "lora_alpha", "lora_dropout", "train_args")

@@ -168,6 +168,8 @@ def parse_tasks(raw, base: dict, folder: Path) -> tuple[dict, dict, dict]:
         merged = overlay(base, settings)
         if not isinstance(merged.get("train_args", {}), dict):
             fail(f"{w}.train_args", "must be a mapping of TrainingArguments fields, e.g. {logging_steps: 5}")
+        if merged.get("pair_encoding", "joint") not in ("joint", "separate"):
+            fail(f"{w}.pair_encoding", f"must be joint or separate, got {merged['pair_encoding']!r}")
         for key in ("model", "data"):
             if merged.get(key) in (None, ""):
                 fail(f"{w}.{key}", "missing (set it here or in base)")

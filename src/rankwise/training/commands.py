@@ -82,7 +82,8 @@ def _habits(args) -> dict:
                 scheduler=args.scheduler, bf16=args.bf16, fp16=args.fp16, save_steps=args.save_steps,
                 save_total_limit=args.save_total_limit, eval_steps=args.eval_steps,
                 report_to=_split(args.report_to), train_args=args.train_arg or [], resume=args.resume,
-                label_names=_split(args.label_names), drop_empty=args.drop_empty)
+                label_names=_split(args.label_names), drop_empty=args.drop_empty,
+                pair_encoding=args.pair_encoding)
 
 
 def _split(values):
@@ -178,6 +179,9 @@ def _add_train(sub) -> None:
     p.add_argument("--max-eval-samples", type=number(int, lo=1))
     p.add_argument("--max-length", type=number(int, lo=8),
                    help="tokens per example/block (default: model limit, at most 512)")
+    p.add_argument("--pair-encoding", default="joint", choices=("joint", "separate"),
+                   help="sentence pairs: joint (default; one [CLS] a [SEP] b [SEP] sequence) or separate (each "
+                        "sentence encoded alone, mean-pooled; for sentence-embedding models; docs/train.md)")
     g = p.add_argument_group("adapter (one of; default --preset balanced)")
     g.add_argument("--method", default="lora",
                    help="training method: lora (default; static plan), multirank, adalora (see docs/methods.md)")

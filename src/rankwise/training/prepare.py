@@ -135,7 +135,7 @@ def default_max_length(tokenizer, config, max_length: int | None) -> int:
 
 
 def encode(ds, task: str, info: DataInfo, tokenizer, max_length: int, n: int | None, seed: int,
-           notice: TruncationNotice | None = None):
+           notice: TruncationNotice | None = None, pair_encoding: str = "joint"):
     """Subsample (seeded) then tokenize one split for the task. Plain text keeps its first `n` lines instead:
     shuffled lines packed into blocks would no longer be prose."""
     if info.kind == "text":
@@ -143,7 +143,7 @@ def encode(ds, task: str, info: DataInfo, tokenizer, max_length: int, n: int | N
     else:
         ds = subsample(ds, n, seed)
     if task == "seq-cls":
-        return encode_classification(ds, tokenizer, info, max_length, notice)
+        return encode_classification(ds, tokenizer, info, max_length, notice, pair_encoding)
     if info.kind == "instruction":
         return encode_instructions(ds, tokenizer, max_length, notice)
     if info.kind == "text" or len(info.text_columns) == 1:

@@ -164,6 +164,7 @@ def train_model(
     resume: bool = False,
     label_names: Sequence[str] | None = None,
     drop_empty: bool = False,
+    pair_encoding: str = "joint",
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
@@ -177,6 +178,9 @@ def train_model(
                    max_eval_samples=max_eval_samples, max_length=max_length, seed=seed, budget_rank=budget_rank,
                    rank=rank)
     from ..methods import MethodContext, get_method
+    from .pairs import check_pair_encoding, separate_pairs
+
+    check_pair_encoding(pair_encoding)
 
     the_method = get_method(method)
     choice = dict(plan=plan, strategy=strategy, budget=budget, budget_rank=budget_rank, preset=preset, rank=rank,
@@ -193,7 +197,7 @@ def train_model(
         _check_out(out, overwrite, [model_path, data, plan if isinstance(plan, (str, os.PathLike)) else None])
         resume_from = start_checkpoints(out, settings, opts, the_method, resume=resume, overwrite=overwrite)
         s = _prepare(model_path, data, task, text_columns, label_column, validation_split, max_train_samples,
-                     max_eval_samples, max_length, seed, label_names, drop_empty)
+                     max_eval_samples, max_length, seed, label_names, drop_empty, pair_encoding)
         # 2. the model with its head and the planned LoRA layers (seeded: the head and LoRA A are random)
         from transformers import set_seed
 
@@ -201,6 +205,12 @@ def train_model(
         s["rss_start"] = current_rss()  # before the weights: peak_memory_increase_bytes is what the run took
         base = load_model(model_path, s["task"], s["info"], quantization=quant, device=dev)
         check_finite_weights(base, f"model {model_path}")
+        if pair_encoding == "separate":  # before the method builds: calibration and training see the same forward
+            from .pairs import fit_head
+
+            separate_pairs(base)
+            say(f"fitted the pair head on the untouched cosines: {fit_head(base, s['train'], s['collate'])}",
+                progress)
         if quant is not None:
             from .quantize import prepare
 
@@ -222,7 +232,7 @@ def train_model(
                        max_steps=max_steps, max_length=s["length"], lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                        dora=dora, rslora=rslora, max_train_samples=max_train_samples,
                        max_eval_samples=max_eval_samples, **opts.to_dict(), label_names=label_names,
-                       drop_empty=drop_empty)
+                       drop_empty=drop_empty, pair_encoding=pair_encoding)
         # the main process only (rank 0 under torchrun): removed on any failure, SIGTERM included; renamed onto
         # `out` on success
         with process_dir(out) as tmp:
@@ -240,7 +250,7 @@ def train_model(
                 results["method_info"] = method_info
             results["warnings"] = run_warnings(s["task"], s["info"], evaluation, train_info.get("train_loss"))
             _save(tmp, the_method, built, s["tokenizer"], results, model, model_path, s["task"], s["info"],
-                  s["length"], restored)
+                  s["length"], restored, pair_encoding)
     if not is_main_process():
         return results, peft_model.eval()
     close_checkpoints(out)  # the run folder is in place: its checkpoints are spent
@@ -255,7 +265,7 @@ train.__signature__ = inspect.signature(train_model).replace(return_annotation="
 
 
 def _prepare(model_path, data, task, text_columns, label_column, validation_split, max_train_samples,
-             max_eval_samples, max_length, seed, label_names=None, drop_empty=False) -> dict:
+             max_eval_samples, max_length, seed, label_names=None, drop_empty=False, pair_encoding="joint") -> dict:
     """Read the data, decide the task and labels, and tokenize both splits."""
     prepared = read_data(data, text_columns=text_columns, label_column=label_column,
                          validation_split=validation_split, seed=seed, task=task, drop_empty=drop_empty)
@@ -265,11 +275,19 @@ def _prepare(model_path, data, task, text_columns, label_column, validation_spli
         add_labels(prepared, label_names)
     elif label_names:
         raise RankwiseError(f"--label-names names classes; this run is {task} and has none")
+    if pair_encoding == "separate":
+        from .pairs import check_pair_encoding
+
+        if task != "seq-cls":
+            raise RankwiseError(f"--pair-encoding separate is for sentence-pair classification; this run is {task}")
+        check_pair_encoding(pair_encoding, info.text_columns)
     tokenizer = load_tokenizer(model_path)
     length = default_max_length(tokenizer, config, max_length)
     notice = TruncationNotice(length)
-    train_ds = encode(prepared.splits["train"], task, info, tokenizer, length, max_train_samples, seed, notice)
-    eval_ds = encode(prepared.splits["validation"], task, info, tokenizer, length, max_eval_samples, seed)
+    train_ds = encode(prepared.splits["train"], task, info, tokenizer, length, max_train_samples, seed, notice,
+                      pair_encoding)
+    eval_ds = encode(prepared.splits["validation"], task, info, tokenizer, length, max_eval_samples, seed,
+                     pair_encoding=pair_encoding)
     from .tasks import collator
 
     return {"task": task, "info": info, "tokenizer": tokenizer, "length": length, "train": train_ds,
@@ -348,7 +366,8 @@ def _fit(method, built, ctx, s: dict, hp: dict, seed: int, dev: str, progress: b
     return evaluation, train_info, method_info
 
 
-def _save(tmp: Path, method, built, tokenizer, results, model, model_path, task, info, length, restored) -> None:
+def _save(tmp: Path, method, built, tokenizer, results, model, model_path, task, info, length, restored,
+          pair_encoding="joint") -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     method.save(built, tmp)
     tokenizer.save_pretrained(str(tmp))
@@ -357,6 +376,6 @@ def _save(tmp: Path, method, built, tokenizer, results, model, model_path, task,
     task_info = {"schema": 1, "task": task, "method": method.name, "base_model": str(model), "base_model_path": str(model_path),
                  "max_length": length, "prompt_template": "alpaca" if info.kind == "instruction" else None,
                  "data": info.to_dict(), "quantization": results["run_info"].get("quantization"),
-                 "restored_heads": restored}
+                 "restored_heads": restored, "pair_encoding": pair_encoding}
     (tmp / "task.json").write_text(json.dumps(task_info, indent=2) + "\n")
     (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -79,6 +79,10 @@ def load_run_model(run_dir: str | os.PathLike, device: str = "cpu", full_precisi
     # report would be a false alarm here
     with quiet_libraries(not restores_head(task_info)):
         base = load_model(_base_path(task_info), task_info["task"], info, quantization=quant, device=device)
+    if task_info.get("pair_encoding") == "separate":  # the head was trained on the separate-pairs forward
+        from .pairs import separate_pairs
+
+        separate_pairs(base)
     model = method.load(base, run_dir)
     model = (model if quant is not None else model.to(device)).eval()  # quantised: loaded onto `device` already
     tokenizer = load_tokenizer(str(run_dir))
@@ -92,7 +96,8 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     dev = pick_device(device)
     model, tokenizer, task_info, info = load_run_model(run_dir, dev)
     ds = _eval_split(data, info, split, seed)
-    eval_ds = encode(ds, task_info["task"], info, tokenizer, task_info["max_length"], max_eval_samples, seed)
+    eval_ds = encode(ds, task_info["task"], info, tokenizer, task_info["max_length"], max_eval_samples, seed,
+                     pair_encoding=task_info.get("pair_encoding") or "joint")
     # Trainer wants an output folder; keep it out of the run folder (which may be read-only or shared)
     with tempfile.TemporaryDirectory(prefix="rankwise-eval-") as scratch:
         trainer = make_trainer(model, tokenizer, task_info["task"], info.label_type, out_dir=scratch,
@@ -172,15 +177,26 @@ def predict_with(model, tokenizer, task_info: dict, info: DataInfo, texts: list[
     with torch.no_grad():
         if task_info["task"] == "causal-lm":
             return [_generate(model, tokenizer, t, task_info, max_new_tokens, dev) for t in texts]
-        args = [texts] + ([list(text_pairs)] if text_pairs is not None else [])
-        enc = tokenizer(*args, truncation=True, max_length=task_info["max_length"], padding=True,
-                        return_tensors="pt").to(dev)
+        enc = _encode_texts(tokenizer, task_info, texts, text_pairs).to(dev)
         logits = model(**enc).logits.float().cpu()
     if info.label_type == "regression":
         return [{"score": float(v)} for v in logits[:, 0]]
     probs = logits.softmax(-1)
     names = info.id2label or {}
     return [{"label": names.get(int(i), str(int(i))), "score": float(p[i])} for p, i in zip(probs, probs.argmax(-1))]
+
+
+def _encode_texts(tokenizer, task_info: dict, texts: list[str], text_pairs):
+    """A padded batch, encoded as the run was trained (sentence pairs jointly or separately)."""
+    if task_info.get("pair_encoding") == "separate":
+        from .pairs import encode_separately
+
+        if text_pairs is None:
+            raise RankwiseError("this run encodes sentence pairs separately: give a --text-pair for each --text")
+        rows = encode_separately(tokenizer, texts, list(text_pairs), task_info["max_length"])
+        return tokenizer.pad(rows, return_tensors="pt")
+    args = [texts] + ([list(text_pairs)] if text_pairs is not None else [])
+    return tokenizer(*args, truncation=True, max_length=task_info["max_length"], padding=True, return_tensors="pt")
 
 
 def _generate(model, tokenizer, text: str, task_info: dict, max_new_tokens: int, dev: str) -> dict:

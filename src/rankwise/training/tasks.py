@@ -175,8 +175,10 @@ class TruncationNotice:
 
 
 # ----- encoders -----------------------------------------------------------------------------------------------
-def encode_classification(ds, tokenizer, info: DataInfo, max_length: int, notice: TruncationNotice | None = None):
-    """Rows -> input_ids/attention_mask(/token_type_ids) + labels (class ids or floats); other columns dropped."""
+def encode_classification(ds, tokenizer, info: DataInfo, max_length: int, notice: TruncationNotice | None = None,
+                          pair_encoding: str = "joint"):
+    """Rows -> input_ids/attention_mask(/token_type_ids) + labels (class ids or floats); other columns dropped.
+    `pair_encoding="separate"`: each sentence of a pair truncated and encoded on its own (training/pairs.py)."""
     cols = info.text_columns
 
     def encode(batch):
@@ -185,9 +187,15 @@ def encode_classification(ds, tokenizer, info: DataInfo, max_length: int, notice
         if len(cols) > 2:  # three or more columns: join the rest into the second segment
             texts = [texts[0], [" ".join(parts) for parts in zip(*texts[1:])]]
         if notice is not None:
-            full = tokenizer(*texts, truncation=False)["input_ids"]
-            notice.add(sum(len(ids) > max_length for ids in full))
-        enc = tokenizer(*texts, truncation=True, max_length=max_length)
+            full = [tokenizer(t, truncation=False)["input_ids"] for t in texts] if pair_encoding == "separate" \
+                else [tokenizer(*texts, truncation=False)["input_ids"]]
+            notice.add(sum(any(len(ids) > max_length for ids in row) for row in zip(*full)))
+        if pair_encoding == "separate":
+            from .pairs import encode_separately
+
+            enc = encode_separately(tokenizer, texts[0], texts[1], max_length)
+        else:
+            enc = tokenizer(*texts, truncation=True, max_length=max_length)
         if info.label_column and info.label_column in batch:
             enc["labels"] = [_label_id(v, info) for v in batch[info.label_column]]
         return enc
