@@ -169,3 +169,14 @@ def test_the_head_starts_as_the_regression_on_the_untouched_cosines(minilm, num_
         ref = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10_000).fit(cos[:, None], labels)
         np.testing.assert_allclose(torch.tensor(logits).softmax(-1).numpy(), ref.predict_proba(cos[:, None]), atol=2e-3)
     assert fit["samples"] == 24
+
+
+@pytest.mark.parametrize("method", ["peft_eva", "adalora", "multirank"])
+def test_methods_that_look_inside_the_forward_train_on_separate_pairs(tmp_path, tiny_bert_dir, method):
+    """peft's EVA reads the layer inputs by token position: with separate pairs the layers see split rows."""
+    from rankwise.training import train
+
+    data = _pairs(tmp_path / "pairs", 32)
+    res = train(tiny_bert_dir, data, pair_encoding="separate", method=method, budget_rank=4, max_steps=2,
+                out=tmp_path / "run", progress=False)
+    assert res["train_info"]["steps"] == 2 and res["eval"]["eval_loss"] > 0

@@ -71,7 +71,8 @@ class PeftEvaMethod(LoraMethod):
         loader = self._loader(ctx, opts)
         kwargs = {"show_progress_bar": ctx.progress}
         if ctx.task == "seq-cls":  # labels are one class per example, not a token mask: use the attention mask
-            kwargs["prepare_model_inputs_fn"] = _attention_positions
+            separate = getattr(base_model, "rankwise_pair_encoding", None) == "separate"
+            kwargs["prepare_model_inputs_fn"] = _pair_positions if separate else _attention_positions
         try:
             initialize_lora_eva_weights(model, dataloader=loader, **kwargs)
         except ValueError as e:
@@ -102,6 +103,15 @@ def _attention_positions(model_input, peft_config):
 
     mask = model_input.get("attention_mask", torch.ones_like(model_input["input_ids"])).bool()
     return mask.nonzero()
+
+
+def _pair_positions(model_input, peft_config):
+    """--pair-encoding separate: the layers see each sentence as its own row (training/pairs.py), so EVA's token
+    positions are those of the split batch, not of the joint rows the data loader yields."""
+    from ..training.pairs import split_pairs
+
+    _, mask = split_pairs(model_input["input_ids"], model_input["attention_mask"], model_input["token_type_ids"])
+    return mask.bool().nonzero()
 
 
 def _plan(layers, real: dict, r: int, *, model_name: str, opts: dict):
