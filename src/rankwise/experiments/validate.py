@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from ..types import RankwiseError
+from ..training.pairs import PAIR_ENCODINGS
 from .spec import (_COMMON_RANK, _LABEL_RE, _NOT_IN_ALL, _TASK_ONLY, BUDGET_SETTINGS, ENTRY_KEYS, SETTINGS,
                    MethodEntry, _expand, resolve_settings)
 
@@ -168,8 +169,8 @@ def parse_tasks(raw, base: dict, folder: Path) -> tuple[dict, dict, dict]:
         merged = overlay(base, settings)
         if not isinstance(merged.get("train_args", {}), dict):
             fail(f"{w}.train_args", "must be a mapping of TrainingArguments fields, e.g. {logging_steps: 5}")
-        if merged.get("pair_encoding", "joint") not in ("joint", "separate"):
-            fail(f"{w}.pair_encoding", f"must be joint or separate, got {merged['pair_encoding']!r}")
+        if merged.get("pair_encoding", "joint") not in PAIR_ENCODINGS:
+            fail(f"{w}.pair_encoding", f"must be one of {', '.join(PAIR_ENCODINGS)}, got {merged['pair_encoding']!r}")
         for key in ("model", "data"):
             if merged.get(key) in (None, ""):
                 fail(f"{w}.{key}", "missing (set it here or in base)")

@@ -15,6 +15,7 @@ from ..parsing import number, parse_set, parse_targets
 from ..types import RankwiseError
 from .config import attach_config
 from .options import SCHEDULERS
+from .pairs import PAIR_ENCODINGS
 from .prepare import quiet_libraries
 
 __all__ = ["register", "cmd_train", "cmd_eval", "cmd_merge", "cmd_predict", "cmd_demo"]
@@ -179,7 +180,7 @@ def _add_train(sub) -> None:
     p.add_argument("--max-eval-samples", type=number(int, lo=1))
     p.add_argument("--max-length", type=number(int, lo=8),
                    help="tokens per example/block (default: model limit, at most 512)")
-    p.add_argument("--pair-encoding", default="joint", choices=("joint", "separate"),
+    p.add_argument("--pair-encoding", default="joint", choices=PAIR_ENCODINGS,
                    help="sentence pairs: joint (default; one [CLS] a [SEP] b [SEP] sequence) or separate (each "
                         "sentence encoded alone, mean-pooled; for sentence-embedding models; docs/train.md)")
     g = p.add_argument_group("adapter (one of; default --preset balanced)")

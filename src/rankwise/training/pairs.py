@@ -71,8 +71,7 @@ def split_pairs(input_ids, attention_mask, token_type_ids):
     pos = torch.arange(width, device=input_ids.device).unsqueeze(0)
     # the second sentence starts where the first ends: shift it to position 0 by gathering from len_a on
     idx_b = (len_a.unsqueeze(1) + pos).clamp(max=input_ids.shape[1] - 1)
-    ids_a = input_ids[:, :width] if input_ids.shape[1] >= width else input_ids
-    ids_a = torch.nn.functional.pad(ids_a, (0, width - ids_a.shape[1]))
+    ids_a = input_ids[:, :width]  # a row holds both sentences, so it is never narrower than the longer one
     mask_a, mask_b = pos < len_a.unsqueeze(1), pos < len_b.unsqueeze(1)
     ids = torch.cat([ids_a * mask_a, torch.gather(input_ids, 1, idx_b) * mask_b])
     return ids, torch.cat([mask_a, mask_b]).long()
