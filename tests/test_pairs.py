@@ -171,6 +171,30 @@ def test_the_head_starts_as_the_regression_on_the_untouched_cosines(minilm, num_
     assert fit["samples"] == 24
 
 
+def test_cosines_come_back_in_the_dataset_order(minilm):
+    """The head's cosines are computed in batches sorted by length; each must still sit on its own row (and beside
+    its own label), against cosines computed one sentence at a time."""
+    import numpy as np
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding
+
+    from rankwise.training.pairs import _cosines
+
+    tok = _tokenizer(minilm)
+    model = separate_pairs(_tiny_classifier(2))
+    words = ["cat", "dog", "fox", "bird", "fish", "cow", "sat", "ran", "the", "a", "big", "small"]
+    rng = np.random.default_rng(1)
+    first = [" ".join(rng.choice(words, n)) for n in rng.integers(1, 12, 20)]  # lengths out of order
+    second = [" ".join(rng.choice(words, n)) for n in rng.integers(1, 6, 20)]
+    rows = encode_separately(tok, first, second, 32)
+    rows["labels"] = list(range(20))
+    cos, labels = _cosines(model, Dataset.from_dict(rows), DataCollatorWithPadding(tok), batch_size=3)
+    with torch.no_grad():
+        ref = [float(_embed(model, tok, a) @ _embed(model, tok, b)) for a, b in zip(first, second)]
+    assert labels.tolist() == list(range(20))
+    np.testing.assert_allclose(cos.numpy(), ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["peft_eva", "adalora", "multirank"])
 def test_methods_that_look_inside_the_forward_train_on_separate_pairs(tmp_path, tiny_bert_dir, method):
     """peft's EVA reads the layer inputs by token position: with separate pairs the layers see split rows."""

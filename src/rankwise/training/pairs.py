@@ -131,23 +131,29 @@ def separate_pairs(model):
 
 
 def _cosines(model, dataset, collate, batch_size: int = 64):
-    """(cosines, labels) of every row of `dataset` under `model` in eval mode (no dropout, no gradients)."""
+    """(cosines, labels) of every row of `dataset`, in its order, under `model` in eval mode (no dropout, no
+    gradients)."""
     import torch
 
+    # Batches of rows of similar length: a batch pads every sentence to its longest one, and an unsorted batch of
+    # 64 RTE pairs nearly always holds a premise at the length cap. Padding is masked, so the cosines are the same.
+    order = sorted(range(len(dataset)), key=lambda j: len(dataset[j]["input_ids"]))
     was_training = model.training
     model.eval()
     captured, labels = [], []
     hook = model.classifier.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0][:, 0] / SCALE))
     try:
         with torch.no_grad():
-            for i in range(0, len(dataset), batch_size):
-                batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+            for i in range(0, len(order), batch_size):
+                batch = collate([dataset[j] for j in order[i:i + batch_size]])
                 labels.append(batch.pop("labels"))
                 model(**batch)
     finally:
         hook.remove()
         model.train(was_training)
-    return torch.cat(captured).double(), torch.cat(labels)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return torch.cat(captured).double()[back], torch.cat(labels)[back]
 
 
 def fit_head(model, dataset, collate) -> dict:
