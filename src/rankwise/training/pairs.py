@@ -137,7 +137,8 @@ def _cosines(model, dataset, collate, batch_size: int = 64):
 
     # Batches of rows of similar length: a batch pads every sentence to its longest one, and an unsorted batch of
     # 64 RTE pairs nearly always holds a premise at the length cap. Padding is masked, so the cosines are the same.
-    order = sorted(range(len(dataset)), key=lambda j: len(dataset[j]["input_ids"]))
+    rows = [dataset[j] for j in range(len(dataset))]  # read once: each row read from a datasets table decodes it
+    order = sorted(range(len(rows)), key=lambda j: len(rows[j]["input_ids"]))
     was_training = model.training
     model.eval()
     captured, labels = [], []
@@ -145,14 +146,13 @@ def _cosines(model, dataset, collate, batch_size: int = 64):
     try:
         with torch.no_grad():
             for i in range(0, len(order), batch_size):
-                batch = collate([dataset[j] for j in order[i:i + batch_size]])
+                batch = collate([rows[j] for j in order[i:i + batch_size]])
                 labels.append(batch.pop("labels"))
                 model(**batch)
     finally:
         hook.remove()
         model.train(was_training)
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    back = torch.argsort(torch.tensor(order))  # the inverse permutation: row j's cosine sits at back[j]
     return torch.cat(captured).double()[back], torch.cat(labels)[back]
 
 
