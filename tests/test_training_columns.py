@@ -63,6 +63,26 @@ def test_two_label_candidates_are_an_error_naming_both(tmp_path):
     assert read_data(write_jsonl(tmp_path / "r2.jsonl", rows), label_column="verified").info.label_column == "verified"
 
 
+def test_repeated_review_sentences_are_text_and_the_short_column_is_the_label(tmp_path, capsys):
+    """Issue 23's table: uid, remark_body (eight distinct reviews, 4 to 9 words, repeated over 60 rows), verdict
+    (two words). A person reads remark_body as the text and verdict as the label; the decision is printed."""
+    reviews = REVIEWS[:8]
+    rows = [[1000 + i, reviews[i % 8], ["keep", "reject"][(i % 8) % 2]] for i in range(60)]
+    f = write_csv(tmp_path / "remarks.csv", ["uid", "remark_body", "verdict"], rows)
+    prepared = read_data(f)
+    assert prepared.info.text_columns == ["remark_body"] and prepared.info.label_column == "verdict"
+    assert label_info(prepared.splits, "verdict")["label2id"] == {"keep": 0, "reject": 1}
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("columns:")]
+    assert len(line) == 1 and "text 'remark_body' (free text" in line[0] and "label 'verdict' (2 distinct" in \
+        line[0] and "by content" in line[0], err
+    # two short categorical columns beside the text are still an error naming both, never a guess
+    rows2 = [r + [["a", "b", "c"][i % 3]] for i, r in enumerate(rows)]
+    g = write_csv(tmp_path / "two.csv", ["uid", "remark_body", "verdict", "grade"], rows2)
+    with pytest.raises(RankwiseError, match="'verdict'.*'grade'.*--label-column"):
+        read_data(g)
+
+
 def test_whole_number_floats_are_classes(tmp_path):
     """0, 1, 1.0 in JSON (read as floats) and "1" / "1.0" in a CSV column with text are two classes, not a
     regression: class ids equal the numbers for 0/1, and "1" and "1.0" are the same class."""

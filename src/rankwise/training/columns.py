@@ -4,7 +4,10 @@ the names say nothing, and rows with no text found before they train as "".
 Names first (data.TEXT_COLUMN_SETS, data.LABEL_COLUMNS), content second:
 - free text: a string column whose values have two or more words on average and are mostly distinct;
 - a label: a column of strings, booleans, integers (or integer-valued floats) with few distinct values that is
-  not free text. Two candidates for one role is an error naming both, never a guess.
+  not free text. Two candidates for one role is an error naming both, never a guess, except that a column of
+  several words per value never outranks a short categorical one: a person reads eight repeated review
+  sentences as the text and "pos"/"neg" beside them as the label. With no free-text column, such a multi-word
+  column that is not the label is the text.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ class ColumnProfile:
 
     def is_free_text(self, limit: int) -> bool:
         return self.kind == "str" and self.words >= 2 and self.distinct > limit
+
+    @property
+    def wordy(self) -> bool:
+        """Several words per value: reads as text even when few values repeat (eight reviews over 60 rows)."""
+        return self.kind == "str" and self.words >= 2
 
     def is_label(self, limit: int) -> bool:
         if self.kind in ("bool", "class"):
@@ -142,6 +150,9 @@ def decide_columns(ds, text_columns=None, label_column=None, find_label: bool = 
 
 def _label_by_content(profiles: dict, exclude: set) -> str | None:
     found = [p for p in profiles.values() if p.name not in exclude and p.is_label(_limit(p.n))]
+    short = [p for p in found if not p.wordy]
+    if len(found) > 1 and len(short) == 1:
+        return short[0].name  # free text never outranks a short categorical column as the label
     if len(found) > 1:
         listed = ", ".join(f"{p.name!r} ({p.describe()})" for p in found)
         raise RankwiseError(f"several columns could be the label: {listed}; name it with --label-column")
@@ -150,6 +161,8 @@ def _label_by_content(profiles: dict, exclude: set) -> str | None:
 
 def _texts_by_content(profiles: dict, label: str | None, cols: list) -> list[str]:
     found = [p.name for p in profiles.values() if p.name != label and p.is_free_text(_limit(p.n))]
+    if not found:  # text that repeats a handful of sentences is still text when it is not the label
+        found = [p.name for p in profiles.values() if p.name != label and p.wordy]
     if not found:
         raise RankwiseError(f"no text column found among {', '.join(cols)} (by name or by content: no column of "
                             "mostly distinct, multi-word strings); name them with --text-columns")
