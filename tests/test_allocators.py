@@ -110,19 +110,78 @@ def test_spectral_higher_score_higher_rank():
     assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
 
 
+def _known_spectra_model():
+    """Ten 64x64 layers W = U diag(sqrt(lam)) V^T with chosen eigenvalues lam of W^T W: a linear bulk from `lo` to 1
+    and `k` spikes at 100, 200, ... (far above any Marchenko-Pastur edge the bulk gives, far below none)."""
+    import numpy as np
+    import torch
+
+    lows = [0.05, 0.3, 0.6, 0.1, 0.8, 0.2, 0.5, 0.02, 0.4, 0.7]
+    spikes = [0, 3, 1, 6, 2, 5, 0, 4, 2, 7]
+    g = torch.Generator().manual_seed(0)
+    model, spectra = torch.nn.Module(), []
+    model.layers = torch.nn.ModuleList()
+    for lo, k in zip(lows, spikes):
+        lam = np.linspace(lo, 1.0, 64)
+        lam[64 - k:] = 100.0 * (1 + np.arange(k))
+        u, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+        lin = torch.nn.Linear(64, 64, bias=False)
+        lin.weight.data = (u @ torch.diag(torch.from_numpy(np.sqrt(lam))) @ v.T).float()
+        model.layers.append(lin)
+        spectra.append(lam)
+    return model, spectra
+
+
+def _hand_spectral_scores(spectra):
+    """docs/metrics.md and the spectral docstring, by hand: Hill alpha on the sorted eigenvalues, spikes above
+    median / (n * MP median) * (2 sqrt n)^2 (square layers; the MP median by quadrature here), then
+    0.7 alpha_norm + 0.3 (1 - spikes_norm)."""
+    import math
+
+    import numpy as np
+    from scipy import integrate, optimize
+
+    density = lambda x: math.sqrt(x * (4 - x)) / (2 * math.pi * x)  # noqa: E731  Marchenko-Pastur, ratio 1
+    mp_median = optimize.brentq(lambda m: integrate.quad(density, 0, m)[0] - 0.5, 0.1, 3.9)
+    alphas, counts = [], []
+    for lam in spectra:
+        lam = np.sort(lam)
+        n, i = len(lam), len(lam) // 2
+        m = n - i
+        alphas.append(1 + m / (np.log(lam[i:]).sum() - m * math.log(lam[i])))
+        edge = np.median(lam) / (n * mp_median) * (2 * math.sqrt(n)) ** 2
+        assert np.all(np.abs(lam / edge - 1) > 0.5)  # no eigenvalue near the edge: the count is unambiguous
+        counts.append(int(np.sum(lam > edge)))
+    a, c = np.array(alphas), np.array(counts, dtype=float)
+    return 0.7 * (a - a.min()) / np.ptp(a) + 0.3 * (1 - (c - c.min()) / np.ptp(c)), counts
+
+
 @pytest.mark.parametrize("select", ["top", "bottom"])
 def test_spectral_selection_keeps_the_documented_side(select):
-    stats = make_stats([(64, 64)] * 10, seed=5)
-    a = allocate("spectral", stats, Budget(64 * 2 * 40), select=select, percentile=50)
-    kept = [n for n, r in a.pattern.ranks.items() if r > 0]
-    dropped = [n for n, r in a.pattern.ranks.items() if r == 0]
-    assert kept and dropped
-    lo_kept = min(a.pattern.scores[n] for n in kept)
-    hi_kept = max(a.pattern.scores[n] for n in kept)
-    if select == "top":
-        assert all(a.pattern.scores[n] < lo_kept for n in dropped)
-    else:
-        assert all(a.pattern.scores[n] > hi_kept for n in dropped)
+    """Which half `select` keeps, from scores computed by hand from known spectra (not the allocator's own scores):
+    `top` keeps the high-score half (large Hill alpha, few spikes), `bottom` the low-score half, and inside the
+    kept half a higher score gets a higher rank."""
+    import numpy as np
+
+    import rankwise
+
+    model, spectra = _known_spectra_model()
+    w = model.layers[3].weight.detach().double().numpy()
+    assert np.allclose(np.linalg.eigvalsh(w.T @ w), np.sort(spectra[3]), rtol=1e-5, atol=1e-5)
+    hand, counts = _hand_spectral_scores(spectra)
+    assert counts == [0, 3, 1, 6, 2, 5, 0, 4, 2, 7]  # the spikes planted
+    stats = rankwise.analyze(model, progress=False)
+    ranks = allocate("spectral", stats, Budget(64 * 2 * 40), select=select, percentile=50).pattern.ranks
+    names = [f"layers.{i}" for i in range(10)]
+    median = np.percentile(hand, 50)
+    want = {n for n, h in zip(names, hand) if (h >= median if select == "top" else h <= median)}
+    # the same sets written out: hand scores 0.55 0.25 0.62 0.04 0.45 0.10 1.0 0.16 0.37 0.00
+    assert want == ({"layers.0", "layers.2", "layers.4", "layers.6", "layers.8"} if select == "top"
+                    else {"layers.1", "layers.3", "layers.5", "layers.7", "layers.9"})
+    assert {n for n, r in ranks.items() if r > 0} == want
+    kept = sorted(want, key=lambda n: hand[names.index(n)])
+    assert [ranks[n] for n in kept] == sorted(ranks[n] for n in kept) and ranks[kept[0]] < ranks[kept[-1]]
 
 
 def test_depth_and_module_type_directions():
