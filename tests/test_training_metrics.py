@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rankwise.training.metrics import classification_metrics, metrics_fn, perplexity, regression_metrics
-from rankwise.training.presets import PRESET_RANKS, build_plan, preset_targets
+from rankwise.training.presets import build_plan
 from rankwise.training.tasks import infer_task
 from rankwise.types import RankwiseError
 
@@ -59,14 +59,39 @@ def test_infer_task():
         infer_task("seq-cls", "table", False, None)
 
 
-@pytest.mark.parametrize("preset", list(PRESET_RANKS))
+# docs/train.md and docs/qlora.md, written out: the rank of each preset, and the modules of each family (the two
+# layers of every tiny model), with the LoRA parameters sum r * (in + out) counted by hand from their shapes.
+_BERT = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+         "o": "attention.output.dense", "i": "intermediate.dense", "f": "output.dense"}
+_LLAMA = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+          "g": "mlp.gate_proj", "u": "mlp.up_proj", "d": "mlp.down_proj"}
+_GPT2 = {"a": "attn.c_attn", "p": "attn.c_proj", "c": "mlp.c_fc", "m": "mlp.c_proj"}
+_DOCUMENTED = {  # preset: (rank, {family: (module keys, LoRA params by hand)})
+    # bert: q/k/v/o are 32x32 (64 per rank), intermediate 64x32 and output 32x64 (96); 2 layers
+    # llama: q, o 32x32 (64), k, v 16x32 (48), gate/up/down 96; gpt2: c_attn 32->96 (128), attn.c_proj 64,
+    # c_fc and mlp.c_proj 160
+    "efficient": (4, {"bert": ("qv", 2 * 4 * 128), "llama": ("qv", 2 * 4 * 112), "gpt2": ("a", 2 * 4 * 128)}),
+    "balanced": (8, {"bert": ("qkvo", 2 * 8 * 256), "llama": ("qkvo", 2 * 8 * 224), "gpt2": ("ap", 2 * 8 * 192)}),
+    "expressive": (16, {"bert": ("qkvoif", 2 * 16 * 448), "llama": ("qkvogud", 2 * 16 * 512),
+                        "gpt2": ("apcm", 2 * 16 * 512)}),
+    "qlora_memory": (4, {"bert": ("qv", 2 * 4 * 128), "llama": ("qv", 2 * 4 * 112), "gpt2": ("a", 2 * 4 * 128)}),
+    "qlora_quality": (8, {"bert": ("qkvo", 2 * 8 * 256), "llama": ("qkvo", 2 * 8 * 224),
+                          "gpt2": ("ap", 2 * 8 * 192)}),
+}
+
+
+@pytest.mark.parametrize("preset", list(_DOCUMENTED))
 def test_presets_build_uniform_plans(preset, bert, llama, gpt2):
-    for model in (bert, llama, gpt2):
+    """Each preset's rank, layers and parameter count as the docs state them (not the code's PRESET_RANKS)."""
+    rank, per_family = _DOCUMENTED[preset]
+    families = {"bert": (bert, "encoder.layer.{}.", _BERT), "llama": (llama, "model.layers.{}.", _LLAMA),
+                "gpt2": (gpt2, "transformer.h.{}.", _GPT2)}
+    for family, (model, prefix, modules) in families.items():
+        keys, params = per_family[family]
         plan, desc = build_plan(model, model_name="m", preset=preset, progress=False)
-        assert plan.strategy == "uniform" and {r.rank for r in plan.adapted} == {PRESET_RANKS[preset]}
-        assert desc["preset"] == preset
-        wanted = preset_targets(preset, model.config.model_type)
-        assert all(any(r.name == t or r.name.endswith("." + t) for t in wanted) for r in plan.adapted)
+        assert plan.strategy == "uniform" and {r.rank for r in plan.adapted} == {rank}, family
+        assert {r.name for r in plan.adapted} == {prefix.format(i) + modules[k] for i in (0, 1) for k in keys}
+        assert plan.spent == params and desc["preset"] == preset
 
 
 def test_balanced_bert_does_not_adapt_ffn_output(bert):
