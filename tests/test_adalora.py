@@ -106,8 +106,16 @@ def test_build_rejects_an_init_rank_above_the_layer_and_a_budget_above_init():
         METHOD.callbacks(built, _ctx(total=None))
 
 
-def test_default_init_rank_is_one_and_a_half_times_the_target():
-    assert [default_init_rank(t) for t in (1, 2, 4, 8, 3.99)] == [2, 3, 6, 12, 6]
+def test_default_init_rank_is_twice_the_target_as_in_the_authors_scripts():
+    # run_debertav3_*.sh: target_rank 1, lora_r 2 (six of eight GLUE tasks); below rank 1 at least rank 1
+    assert [default_init_rank(t) for t in (1, 2, 4, 8, 3.99, 0.22)] == [2, 4, 8, 16, 8, 1]
+
+
+def test_defaults_follow_the_authors_glue_scripts():
+    # reg_orth_coef 0.1 and lora_alpha / lora_r = 32 / 2 (STS-B, RTE, MRPC, QNLI scripts)
+    built = METHOD.build(_tiny_cls(), _ctx({}, budget_rank=2))
+    config = built.model.peft_config["default"]
+    assert config.init_r == 4 and config.lora_alpha == 64.0 and built.state["regulariser"].weight == 0.1
 
 
 # ---------------------------------------------------------------- layer
@@ -328,10 +336,27 @@ def test_trainer_run_falls_to_the_budget_and_writes_its_files(trained):
     names = {p.name for p in out.iterdir()}
     assert {"ranks.json", "ranks.md", "rank_history.json", "rank_history.png", "adapter_config.json"} <= names
     table = json.loads((out / "ranks.json").read_text())
-    budget = res["run_info"]["budget"]["params"]
+    # the budget by hand: rank 2 on the 12 linear layers of the tiny BERT, 8 of them 32x32 (64 per rank) and 4
+    # of them 64x32 or 32x64 (96 per rank)
+    budget = 2 * (8 * 64 + 4 * 96)
+    assert res["run_info"]["budget"]["params"] == budget == 1792
+    # what the saved adapter really holds, read from the file: each non-zero singular value (lora_E) is a triplet
+    # of one column of B (out), one row of A (in) and itself
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    saved, triplets = 0, []
+    for key, e in tensors.items():
+        if key.endswith(".lora_E"):
+            stem = key.removesuffix(".lora_E")
+            cost = tensors[stem + ".lora_A"].shape[1] + tensors[stem + ".lora_B"].shape[0] + 1
+            saved += int(torch.count_nonzero(e)) * cost
+            triplets.append(cost)
+    assert len(triplets) == 12
+    assert saved <= budget and saved > budget - max(triplets)  # spent to within one triplet of the biggest layer
+    assert info["final_params"] == saved  # and the run reports what it saved
     by_hand = sum(r["final_rank"] * (r["shape"][0] + r["shape"][1] + 1) for r in table["layers"])
-    biggest = max(r["shape"][0] + r["shape"][1] + 1 for r in table["layers"])
-    assert info["final_params"] == by_hand <= budget and by_hand > budget - biggest  # spent to within a triplet
+    assert by_hand == saved  # ranks.json agrees with the file
     assert info["peak_params"] == sum(r["init_rank"] * (r["shape"][0] + r["shape"][1] + 1) for r in table["layers"])
     assert info["final_lora_params"] <= budget < info["peak_params"]
     history = json.loads((out / "rank_history.json").read_text())
@@ -459,7 +484,7 @@ def test_gradient_accumulation_counts_optimizer_steps_and_total_from_trainer(tmp
 
     built = METHOD.build(_tiny_cls(), _ctx(budget_rank=2))
     ctx = _ctx(total=1000)  # a wrong plan: the callback takes the trainer's own step count at train begin
-    [cb] = METHOD.callbacks(built, ctx)
+    cb, _ = METHOD.callbacks(built, ctx)
     calls = []
     step = cb.stepper.step
     cb.stepper.step = lambda s: (calls.append(s), step(s))
@@ -499,6 +524,45 @@ def test_orth_penalty_in_training_only_and_equal_to_peft_formula():
             m.p = 0.0
     train_loss = model(input_ids=IDS, labels=labels).loss.item()
     assert math.isclose(train_loss, plain + 0.5 * by_hand / n, rel_tol=1e-5)
+
+
+def test_logged_train_loss_is_the_task_loss_and_the_penalty_is_logged_apart(tmp_path):
+    """lr 0 keeps the weights fixed: each logged loss must equal the plain cross-entropy of its batches computed
+    in a separate loop, and orth_penalty the weight times the hand-computed penalty."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from rankwise.dynamic.callback import PenaltyLog
+
+    model = _tiny_cls()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    built = METHOD.build(model, _ctx({"orth_reg_weight": 0.5}, budget_rank=2))
+    _randomise(built)
+    reg = built.state["regulariser"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 100, (16, 6), generator=g)
+    labels = [i % 2 for i in range(16)]
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels})
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=0.0,
+                             num_train_epochs=1, report_to="none", use_cpu=True, save_strategy="no",
+                             logging_steps=2, disable_tqdm=True, lr_scheduler_type="constant", seed=0)
+    trainer = Trainer(model=built.model, args=args, train_dataset=ds, callbacks=[PenaltyLog(reg)])
+    order = list(trainer.get_train_dataloader().sampler)  # the batches Trainer will draw
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    assert [h["step"] for h in logged] == [2, 4]
+    with torch.no_grad():
+        penalty = 0.5 * float(reg())
+        built.model.eval()
+        per_row = torch.nn.functional.cross_entropy(built.model(input_ids=ids).logits, torch.tensor(labels),
+                                                    reduction="none")
+    batches = [per_row[order[i:i + 4]].mean().item() for i in range(0, 16, 4)]
+    for k, h in enumerate(logged):
+        assert math.isclose(h["loss"], sum(batches[2 * k:2 * k + 2]) / 2, rel_tol=1e-4, abs_tol=1e-5)
+        assert math.isclose(h["orth_penalty"], penalty, rel_tol=1e-4)
+    assert math.isclose(reg.mean_total(), penalty, rel_tol=1e-4)
 
 
 # ---------------------------------------------------------------- distributed
