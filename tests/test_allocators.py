@@ -208,8 +208,12 @@ def test_parse_budget_rejects(spec):
 
 def test_impossible_budgets_state_feasible_range():
     stats = make_stats([(64, 64)] * 4)
-    with pytest.raises(RankwiseError, match=r"feasible range \[512, 32,768\]"):
+    with pytest.raises(RankwiseError, match=r"uniform needs rank 1 on each of the 4 target layers \(512 parameters\)"):
         allocate("uniform", stats, Budget(100))
+    with pytest.raises(RankwiseError, match=r"below one rank of the cheapest target layer \(128 parameters\)"):
+        allocate("depth", stats, Budget(100))
+    with pytest.raises(RankwiseError, match=r"feasible range \[512, 32,768\]"):
+        allocate("uniform", stats, Budget(10**6))
     with pytest.raises(RankwiseError, match="feasible range"):
         allocate("spectral", stats, Budget(10**9))
 
@@ -233,3 +237,14 @@ def test_missing_metrics_is_a_clear_error():
     with pytest.raises(RankwiseError, match="needs metrics"):
         allocate("spectral", stats, Budget(64))
     assert allocate("uniform", stats, Budget(64)).spent == 64
+
+
+def test_budgets_below_rank_one_everywhere_leave_layers_at_rank_zero():
+    # 2 layers 64x64 (128 per rank) + 2 layers 64x256 (320 per rank): rank 1 everywhere costs 896
+    stats = make_stats([(64, 64), (64, 64), (64, 256), (64, 256)])
+    # 576 = 128 a + 320 b with a, b <= 2 has one solution: both small layers and one large layer at rank 1
+    p = allocate("depth", stats, Budget(576)).pattern
+    assert sorted(zip(p.ranks.values(), (128, 128, 320, 320))) == [(0, 320), (1, 128), (1, 128), (1, 320)]
+    # 448 = 128 + 320 exactly
+    p = allocate("weight_norm", stats, Budget(448)).pattern
+    assert sum(r * c for r, c in zip(p.ranks.values(), (128, 128, 320, 320))) == 448

@@ -142,15 +142,41 @@ def fit_ranks(
     safe_w = [max(float(w), floor) if b.hi > 0 else 0.0 for w, b in zip(weights, bounds)]
     target = _water_fill(safe_w, costs, bounds, budget.params)
     ranks = [max(b.lo, int(math.floor(t / b.step)) * b.step) if b.hi > 0 else 0 for t, b in zip(target, bounds)]
-    left = budget.params - sum(r * c for r, c in zip(ranks, costs))
+    left = _hand_out(ranks, target, costs, bounds, budget.params - sum(r * c for r, c in zip(ranks, costs)))
+    return _exchange(ranks, target, costs, bounds, left)
+
+
+def _hand_out(ranks: list[int], target, costs, bounds, left: int, skip: int = -1) -> int:
+    """Give the leftover out one step at a time to the layer that lost most in rounding and still fits."""
     while True:
         fits = [i for i, (r, c, b) in enumerate(zip(ranks, costs, bounds))
-                if b.hi > 0 and r + b.step <= b.hi and b.step * c <= left]
+                if b.hi > 0 and r + b.step <= b.hi and b.step * c <= left and i != skip]
         if not fits:
-            break
+            return left
         i = max(fits, key=lambda j: ((target[j] - ranks[j]) / bounds[j].step, -costs[j]))
         ranks[i] += bounds[i].step
         left -= bounds[i].step * costs[i]
+
+
+def _exchange(ranks: list[int], target, costs, bounds, left: int, rounds: int = 20) -> list[int]:
+    """Layers of different cost can leave more than the cheapest step unspent (a 384 x 1536 step does not fit,
+    a 384 x 384 one no longer fits): take one step back from a layer and hand out again while that spends more.
+    Matters at budgets of a few rank steps, where rounding is a large share of the budget."""
+    for _ in range(rounds):
+        if left == 0:
+            break
+        best = None
+        for i, (r, c, b) in enumerate(zip(ranks, costs, bounds)):
+            if b.hi == 0 or r - b.step < b.lo or b.step * c <= left:
+                continue
+            trial = list(ranks)
+            trial[i] -= b.step
+            rest = _hand_out(trial, target, costs, bounds, left + b.step * c, skip=i)
+            if rest < left and (best is None or rest < best[1]):
+                best = (trial, rest)
+        if best is None:
+            break
+        ranks[:], left = best
     return ranks
 
 
@@ -169,6 +195,13 @@ def pattern_from_weights(
     layers = [s.info for s in stats]
     selected = [True] * len(layers) if selected is None else list(selected)
     bounds = [rank_bounds(lay, min_rank, max_rank, rank_step, sel) for lay, sel in zip(layers, selected)]
+    if min_rank == 1 and budget.params < feasible_range(layers, bounds)[0]:
+        # Below the cost of rank 1 on every layer the allocator decides which layers get any rank at all: the
+        # weights choose, and the rest stay unadapted (rank 0). An explicit min_rank > 1 keeps its floor.
+        bounds = [RankBounds(0, b.hi, b.step) for b in bounds]
+        if any(b.hi > 0 for b in bounds) and budget.params < smallest_step_cost(layers, bounds):
+            raise RankwiseError(f"budget {budget.params:,} is below one rank of the cheapest target layer "
+                                f"({smallest_step_cost(layers, bounds):,} parameters); raise the budget")
     ranks = fit_ranks(layers, weights, bounds, budget)
     score_map = None if scores is None else {lay.name: float(v) for lay, v in zip(layers, scores)}
     return RankPattern({lay.name: r for lay, r in zip(layers, ranks)}, scores=score_map)

@@ -7,6 +7,9 @@
   through a forward hook on the model, so it runs inside DDP's forward and with any Trainer. Unlike peft's
   `AdaLoraModel.forward` it is vectorised (one batched matmul per parameter shape) and it leaves evaluation losses
   alone (peft adds it whenever a loss is computed, which would inflate eval loss and perplexity).
+- `PenaltyLog` keeps the penalty out of the logged training loss: each logged `loss` becomes the task loss, and the
+  weighted penalty of the same steps is logged beside it as `orth_penalty`, so AdaLoRA's `train_loss` compares
+  with LoRA's.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from transformers import TrainerCallback
 from .schedule import Schedule
 from .stepper import Stepper
 
-__all__ = ["AllocationCallback", "OrthRegulariser"]
+__all__ = ["AllocationCallback", "OrthRegulariser", "PenaltyLog"]
 
 
 class AllocationCallback(TrainerCallback):
@@ -48,6 +51,8 @@ class OrthRegulariser:
         self.weight = float(weight)
         self.count = len(As) + len(Bs)
         self._groups = _by_shape(As, transpose=False) + _by_shape(Bs, transpose=True)
+        # weighted penalties added to training losses: since the last log, and over the whole run
+        self._since, self._since_n, self._total, self._total_n = 0.0, 0, 0.0, 0
 
     def __call__(self) -> torch.Tensor:
         total = 0.0
@@ -65,8 +70,39 @@ class OrthRegulariser:
         # a tuple output (return_dict=False) cannot say whether its first item is a loss: left alone
         if not module.training or self.weight == 0 or getattr(output, "loss", None) is None:
             return output
-        output["loss"] = output["loss"] + self.weight * self()
+        penalty = self.weight * self()
+        value = float(penalty.detach())
+        self._since, self._since_n = self._since + value, self._since_n + 1
+        self._total, self._total_n = self._total + value, self._total_n + 1
+        output["loss"] = output["loss"] + penalty
         return output
+
+    def take_mean(self) -> float:
+        """Mean weighted penalty of the training forwards since the last call (each micro-batch's loss weighs the
+        same in Trainer's logged loss, so this is the penalty's share of it)."""
+        mean = self._since / self._since_n if self._since_n else 0.0
+        self._since, self._since_n = 0.0, 0
+        return mean
+
+    def mean_total(self) -> float:
+        """Mean weighted penalty over every training forward of the run."""
+        return self._total / self._total_n if self._total_n else 0.0
+
+
+class PenaltyLog(TrainerCallback):
+    """Rewrites each logged training `loss` as the task loss and logs the penalty beside it (`orth_penalty`)."""
+
+    def __init__(self, regulariser: OrthRegulariser):
+        self.reg = regulariser
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        entry = state.log_history[-1] if state.log_history else {}
+        if logs is None or "loss" not in logs or "loss" not in entry:
+            return
+        penalty = self.reg.take_mean()
+        entry["loss"] = float(entry["loss"]) - penalty  # Trainer.log appended this entry just before on_log
+        entry["orth_penalty"] = penalty
+        logs["loss"], logs["orth_penalty"] = entry["loss"], penalty
 
 
 def _by_shape(mats: list[torch.Tensor], transpose: bool) -> list[tuple[list[torch.Tensor], bool]]:

@@ -84,7 +84,8 @@ def _habits(args) -> dict:
                 save_total_limit=args.save_total_limit, eval_steps=args.eval_steps,
                 report_to=_split(args.report_to), train_args=args.train_arg or [], resume=args.resume,
                 label_names=_split(args.label_names), drop_empty=args.drop_empty,
-                pair_encoding=args.pair_encoding)
+                pair_encoding=args.pair_encoding, dev_samples=args.dev_samples, dev_seed=args.dev_seed,
+                eval_on=args.eval_on)
 
 
 def _split(values):
@@ -96,14 +97,16 @@ def _split(values):
 def cmd_eval(args) -> int:
     from . import evaluate_run
 
-    if args.out and Path(args.out).is_dir():
-        raise RankwiseError(f"--out {args.out} is a folder; give a file name such as metrics.json")
+    from ..outputs import check_file_out, write_text_atomic
+    from .runs import run_inputs
+
+    check_file_out(args.out, args.overwrite, inputs=[args.data, *run_inputs(args.run_dir)])  # never the run or data
     with quiet_libraries(not args.quiet):
         metrics = evaluate_run(args.run_dir, args.data, split=args.split, max_eval_samples=args.max_eval_samples,
                                batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     text = json.dumps(metrics, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(args.out, text + "\n")
     print(text)
     return 0
 
@@ -178,6 +181,12 @@ def _add_train(sub) -> None:
                    help="for a single file (default 0.1)")
     p.add_argument("--max-train-samples", type=number(int, lo=1))
     p.add_argument("--max-eval-samples", type=number(int, lo=1))
+    p.add_argument("--dev-samples", type=number(int, lo=1), metavar="N",
+                   help="hold out N training rows (fixed by --dev-seed, not --seed) that this run never trains on")
+    p.add_argument("--dev-seed", type=number(int, lo=0), default=0, help="which rows --dev-samples holds out")
+    p.add_argument("--eval-on", choices=("validation", "dev"), default="validation",
+                   help="evaluate on the validation split (default) or the held-out rows (settings are chosen "
+                        "there, never on validation; docs/sweep.md, tune:)")
     p.add_argument("--max-length", type=number(int, lo=8),
                    help="tokens per example/block (default: model limit, at most 512)")
     p.add_argument("--pair-encoding", default="joint", choices=PAIR_ENCODINGS,
@@ -285,6 +294,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=number(int, lo=1), default=32)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, or cuda:N")
     p.add_argument("--out", help="also write the metrics JSON to FILE")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file that rankwise did not write (see docs/safety.md)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -84,9 +84,19 @@ def _check_numbers(**values) -> None:
              "validation_split": dict(lo=0, hi=1, lo_open=True, hi_open=True),
              "max_train_samples": dict(lo=1, integer=True), "max_eval_samples": dict(lo=1, integer=True),
              "max_length": dict(lo=8, integer=True), "seed": dict(lo=0, hi=2**32 - 1, integer=True),
-             "budget_rank": dict(lo=1, integer=True), "rank": dict(lo=1, integer=True)}
+             "budget_rank": dict(lo=1, integer=True), "rank": dict(lo=1, integer=True),
+             "dev_samples": dict(lo=1, integer=True), "dev_seed": dict(lo=0, hi=2**32 - 1, integer=True)}
     for name, value in values.items():
         check_number(f"--{name.replace('_', '-')}", value, **rules[name])
+
+
+def _check_eval_on(eval_on: str, dev_samples: int | None) -> None:
+    from .holdout import EVAL_ON
+
+    if eval_on not in EVAL_ON:
+        raise RankwiseError(f"--eval-on must be one of {', '.join(EVAL_ON)}, got {eval_on!r}")
+    if eval_on == "dev" and not dev_samples:
+        raise RankwiseError("--eval-on dev evaluates on held-out training rows: give --dev-samples N")
 
 
 def _absolute(model_path: str) -> str:
@@ -165,6 +175,9 @@ def train_model(
     label_names: Sequence[str] | None = None,
     drop_empty: bool = False,
     pair_encoding: str = "joint",
+    dev_samples: int | None = None,
+    dev_seed: int = 0,
+    eval_on: str = "validation",
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
@@ -176,7 +189,8 @@ def train_model(
     _check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, lora_alpha=lora_alpha,
                    lora_dropout=lora_dropout, validation_split=validation_split, max_train_samples=max_train_samples,
                    max_eval_samples=max_eval_samples, max_length=max_length, seed=seed, budget_rank=budget_rank,
-                   rank=rank)
+                   rank=rank, dev_samples=dev_samples, dev_seed=dev_seed)
+    _check_eval_on(eval_on, dev_samples)
     from ..methods import MethodContext, get_method
     from .pairs import check_pair_encoding, separate_pairs
 
@@ -197,7 +211,8 @@ def train_model(
         _check_out(out, overwrite, [model_path, data, plan if isinstance(plan, (str, os.PathLike)) else None])
         resume_from = start_checkpoints(out, settings, opts, the_method, resume=resume, overwrite=overwrite)
         s = _prepare(model_path, data, task, text_columns, label_column, validation_split, max_train_samples,
-                     max_eval_samples, max_length, seed, label_names, drop_empty, pair_encoding)
+                     max_eval_samples, max_length, seed, label_names, drop_empty, pair_encoding,
+                     (dev_samples, dev_seed, eval_on))
         # 2. the model with its head and the planned LoRA layers (seeded: the head and LoRA A are random)
         from transformers import set_seed
 
@@ -232,7 +247,8 @@ def train_model(
                        max_steps=max_steps, max_length=s["length"], lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                        dora=dora, rslora=rslora, max_train_samples=max_train_samples,
                        max_eval_samples=max_eval_samples, **opts.to_dict(), label_names=label_names,
-                       drop_empty=drop_empty, pair_encoding=pair_encoding)
+                       drop_empty=drop_empty, pair_encoding=pair_encoding, dev_samples=dev_samples,
+                       dev_seed=dev_seed, eval_on=eval_on)
         # the main process only (rank 0 under torchrun): removed on any failure, SIGTERM included; renamed onto
         # `out` on success
         with process_dir(out) as tmp:
@@ -265,11 +281,20 @@ train.__signature__ = inspect.signature(train_model).replace(return_annotation="
 
 
 def _prepare(model_path, data, task, text_columns, label_column, validation_split, max_train_samples,
-             max_eval_samples, max_length, seed, label_names=None, drop_empty=False, pair_encoding="joint") -> dict:
+             max_eval_samples, max_length, seed, label_names=None, drop_empty=False, pair_encoding="joint",
+             dev=(None, 0, "validation")) -> dict:
     """Read the data, decide the task and labels, and tokenize both splits."""
     prepared = read_data(data, text_columns=text_columns, label_column=label_column,
                          validation_split=validation_split, seed=seed, task=task, drop_empty=drop_empty)
     info = prepared.info
+    dev_samples, dev_seed, eval_on = dev
+    if dev_samples:  # before labels and encoding: held-out rows are never trained on or calibrated with
+        from .holdout import hold_out
+
+        prepared.splits["train"], held = hold_out(prepared.splits["train"], dev_samples, dev_seed)
+        if eval_on == "dev":  # the validation split is not even read for labels: a choice never sees it
+            prepared.splits = {"train": prepared.splits["train"], "validation": held}
+            info.eval_split = "dev"
     task, config = decide_task(model_path, info, task)
     if task == "seq-cls":
         add_labels(prepared, label_names)
@@ -349,6 +374,7 @@ def _fit(method, built, ctx, s: dict, hp: dict, seed: int, dev: str, progress: b
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     method_info = method.finish(built, ctx, tmp)  # raises when the method silently degraded
+    extra_train_info = (method_info or {}).pop("train_info", {})  # e.g. AdaLoRA's penalty, kept out of train_loss
     peak = peak_memory("cuda" if dev.startswith("cuda") else dev)
     train_info = {
         "trainable_params": trainable, "total_params": total, "lora_params": built.lora_params,
@@ -361,7 +387,7 @@ def _fit(method, built, ctx, s: dict, hp: dict, seed: int, dev: str, progress: b
         "peak_memory_increase_bytes": peak if dev.startswith("cuda") else max(0, peak - s["rss_start"]),
         "model_memory_bytes": model_memory(peft_model),
         "loss_curve": loss_curve(history), "lr_curve": lr_curve(history), "eval_curve": eval_curve(history),
-        "resumed_from_step": step_of(resume_from), "world_size": world_size(),
+        "resumed_from_step": step_of(resume_from), "world_size": world_size(), **extra_train_info,
     }
     return evaluation, train_info, method_info
 
