@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-__all__ = ["register", "cmd_sweep", "cmd_report"]
+__all__ = ["register", "cmd_sweep", "cmd_report", "cmd_paper"]
 
 
 def _command_line() -> str:
@@ -47,6 +47,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_paper(args) -> int:
+    from .paper import make_paper
+
+    for p in make_paper(args.studies, args.out, v2=args.v2, tolerance=args.tolerance, figures=not args.no_figures):
+        print(p)
+    return 0
+
+
 def register(sub) -> None:
     """Add the sweep and report subcommands to an argparse subparsers object."""
     p = sub.add_parser("sweep", help="run an experiment grid (YAML): one `rankwise train` per cell, resumable")
@@ -67,3 +75,13 @@ def register(sub) -> None:
                    help="largest relative budget difference compared (default 0.02 = 2%%)")
     p.add_argument("--no-figures", action="store_true", help="tables only (no matplotlib needed)")
     p.set_defaults(func=cmd_report)
+
+    from .paper import STUDIES, V2_STUDY
+
+    p = sub.add_parser("paper", help="the paper's numbers (LaTeX macros), tables and figures from committed sweeps")
+    p.add_argument("studies", nargs="*", default=list(STUDIES), help=f"sweep folders (default: {' '.join(STUDIES)})")
+    p.add_argument("--out", "-o", default="paper/generated", help="folder for numbers.tex, tab-*.tex, figures/")
+    p.add_argument("--v2", default=V2_STUDY, help="study v2's folder: tables when complete, progress otherwise")
+    p.add_argument("--tolerance", type=float, default=0.02, help="largest relative budget difference compared")
+    p.add_argument("--no-figures", action="store_true", help="numbers and tables only (no matplotlib needed)")
+    p.set_defaults(func=cmd_paper)

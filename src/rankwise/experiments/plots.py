@@ -8,7 +8,8 @@ import re
 
 from ..types import RankwiseError
 
-__all__ = ["plot_plan", "plot_metric_vs_params", "plot_loss_curves", "plot_multirank", "plot_rank_history"]
+__all__ = ["plot_plan", "plot_metric_vs_params", "plot_loss_curves", "plot_multirank", "plot_rank_history",
+           "plot_metric_grid", "plot_rank_panels"]
 
 
 def _pyplot():
@@ -168,3 +169,84 @@ def plot_rank_history(history: dict, path: str | os.PathLike, title: str | None 
     _write(fig, path, dpi=120)
     plt.close(fig)
     return str(path)
+
+
+def _grid(plt, n: int, ncols: int, size: tuple[float, float]):
+    rows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(rows, min(ncols, n), figsize=(size[0] * min(ncols, n), size[1] * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def plot_metric_grid(panels: list[dict], stem: str | os.PathLike, *, ncols: int = 2) -> list[str]:
+    """The Pareto view of a study, one panel per task: x = LoRA parameters trained (log), y = metric mean with std
+    bars, one line per method (methods side by side at each budget so the bars stay apart).
+
+    Each panel: {"title", "metric", "series": {method: [(params, mean, std), ...]}, "ylim": (lo, hi) or None}.
+    A mean outside ylim is drawn as a triangle at the edge with its value written, so one collapsed method does not
+    flatten every other line."""
+    plt = _pyplot()
+    fig, axes = _grid(plt, len(panels), ncols, (5.2, 3.6))
+    for ax, panel in zip(axes, panels):
+        labels = list(panel["series"])
+        lo, hi = panel.get("ylim") or (None, None)
+        for i, label in enumerate(labels):
+            pts = sorted(panel["series"][label])
+            shift = 1 + 0.025 * (i - (len(labels) - 1) / 2)
+            xs = [x * shift for x, _, _ in pts]
+            ys = [y if lo is None else min(max(y, lo), hi) for _, y, _ in pts]
+            es = [0 if e != e or (lo is not None and not lo <= y <= hi) else e for _, y, e in pts]
+            line = ax.errorbar(xs, ys, yerr=es, marker="o", markersize=3, capsize=2, label=label,
+                               linewidth=2.2 if label == "uniform" else 0.9)
+            for x, (_, y, _) in zip(xs, pts):
+                if lo is not None and not lo <= y <= hi:
+                    edge = lo if y < lo else hi
+                    ax.plot([x], [edge], marker="v" if y < lo else "^", color=line[0].get_color(), markersize=7)
+                    dy = (4 if y > hi else -9) - 7 * i % 21  # stagger labels of methods at one budget
+                    ax.annotate(f"{label} {y:.2f}", (x, edge), fontsize=6, xytext=(3, dy), textcoords="offset points")
+        if lo is not None:
+            pad = 0.04 * (hi - lo)
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable LoRA parameters")
+        ax.set_ylabel(panel["metric"])
+        ax.set_title(panel["title"], fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
+def _depth_of(name: str):
+    m = re.search(r"(?:^|\.)(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def plot_rank_panels(panels: list[tuple[str, dict]], stem: str | os.PathLike, *, ncols: int = 3) -> list[str]:
+    """Rank per layer for several allocations side by side: one heat map per panel (block depth on x, module role
+    on y), all on one colour scale. `panels`: [(title, {module name: rank}), ...]."""
+    import numpy as np
+
+    plt = _pyplot()
+    vmax = max(max(r.values()) for _, r in panels)
+    fig, axes = _grid(plt, len(panels), ncols, (3.4, 2.4))
+    for k, (ax, (title, ranks)) in enumerate(zip(axes, panels)):
+        roles = list(dict.fromkeys(_role(n) for n in ranks))
+        depths = sorted({_depth_of(n) for n in ranks if _depth_of(n) is not None})
+        grid = np.full((len(roles), max(len(depths), 1)), np.nan)
+        for n, r in ranks.items():
+            d = _depth_of(n)
+            grid[roles.index(_role(n)), depths.index(d) if d is not None else 0] = r
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        if grid.size <= 64:  # small grids carry their numbers; a 30-block decoder would be unreadable
+            for (i, j), v in np.ndenumerate(grid):
+                if not np.isnan(v):
+                    ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=6,
+                            color="white" if v < vmax * 0.6 else "black")
+        step = max(1, len(depths) // 8)
+        ax.set_xticks(range(0, len(depths), step), [str(d) for d in depths[::step]], fontsize=6)
+        ax.set_yticks(range(len(roles)), roles if k % ncols == 0 else [], fontsize=6)  # rows repeat: label once
+        ax.set_title(title, fontsize=8)
+    fig.colorbar(im, ax=axes[: len(panels)], label="LoRA rank", shrink=0.8)
+    return _save(fig, stem)
