@@ -347,6 +347,10 @@ def load_adapters(runs: Mapping[str, str | os.PathLike] | str | Sequence[str], *
     # every adapter brings its own head: the base's "newly initialized" head report would be a false alarm
     with quiet_libraries(not all(restores_head(r.task) for r in read.values())):
         model = load_model(base_path, first.task["task"], first.info)
+    from .training.runs import check_run_base
+
+    for run in read.values():  # the base folder still holds the model every run was trained on
+        check_run_base(model, run.run_dir)
     for name, run in read.items():
         model = _attach(model, name, run)
     ads = Adapters(model.to(dev), read, dev)

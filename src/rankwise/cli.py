@@ -25,18 +25,11 @@ _DATA_COLUMNS = ("act_in_norm2", "act_effective_rank", "act_explained_topk", "gr
                  "grad_stable_rank")
 
 
-def _check_file_out(out: str | None, flag: str = "--out") -> None:
-    """A file output must not be an existing folder (checked before any work)."""
-    if out and Path(out).is_dir():
-        raise RankwiseError(f"{flag} {out} is a folder; give a file name (e.g. {Path(out) / 'stats.csv'})")
-
-
 def _write(text: str, out: str | None) -> None:
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out).with_name(Path(out).name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        from .outputs import write_text_atomic
+
+        write_text_atomic(out, text)
         print(f"wrote {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
@@ -55,7 +48,10 @@ def cmd_analyze(args) -> int:
 
     from .assets import resolve_model
 
-    _check_file_out(args.out)
+    from .outputs import check_file_out
+
+    # never the weights or data this command reads, nor a file of the user's without --overwrite
+    check_file_out(args.out, args.overwrite, inputs=[args.model, resolve_model(args.model), args.data])
     _check_calibration_flags(args)
     stats = analyze(resolve_model(args.model), parse_targets(args.targets), device=args.device, progress=not args.quiet)
     calibration = _calibration(args, resolve_model(args.model))
@@ -222,6 +218,8 @@ def build_parser() -> OneLineParser:
     _add_targets(p)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--out", help="write to FILE instead of stdout")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file that rankwise did not write (see docs/safety.md)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     _add_data(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..outputs import check_folder_out
 from ..types import RankwiseError
 from .results import RunResult, collect, read_manifest, write_json_atomic
 
@@ -290,6 +291,7 @@ def make_report(sweep_dir: str | os.PathLike, out: str | os.PathLike, *, toleran
     """Write report.md, tables.tex, cells.json and (with matplotlib) figures/ into `out`. Returns the paths."""
     if not 0 <= tolerance < 1:
         raise RankwiseError(f"--tolerance is a fraction in [0, 1), got {tolerance}")
+    check_folder_out(out, "report")  # never ., .., an ancestor, or a folder of the user's (their own report.md)
     root = Path(sweep_dir)
     runs, notes = collect(root)
     if not runs:

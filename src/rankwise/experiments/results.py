@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..training.record import CorruptRecord
 from ..types import RankwiseError
 
 __all__ = ["RunResult", "write_json_atomic", "load_results", "is_finished", "read_manifest", "collect",
@@ -55,7 +56,9 @@ def load_results(path: str | os.PathLike) -> dict:
         raise RankwiseError(f"{p} train_info lacks {', '.join(missing)}")
     if not isinstance(r["train_info"]["lora_params"], int) or r["train_info"]["lora_params"] <= 0:
         raise RankwiseError(f"{p} train_info.lora_params must be a positive integer")
-    return r
+    from ..training.record import check_results_json
+
+    return check_results_json(r, str(p))  # complete but of wrong types: CorruptRecord naming the field
 
 
 def is_finished(run_dir: str | os.PathLike) -> bool:
@@ -144,6 +147,8 @@ def collect(sweep_dir: str | os.PathLike) -> tuple[list[RunResult], list[str]]:
             d = root / RUNS_DIR / row["id"]
             try:
                 r = load_results(d)
+            except CorruptRecord:
+                raise  # not unfinished: a file someone edited; a report leaving it out would change the numbers
             except RankwiseError:
                 notes.append(f"{row['id']}: not finished (no complete results.json)")
                 continue
@@ -159,6 +164,8 @@ def collect(sweep_dir: str | os.PathLike) -> tuple[list[RunResult], list[str]]:
     for p in sorted(root.rglob("results.json")):
         try:
             r = load_results(p)
+        except CorruptRecord:
+            raise
         except RankwiseError as e:
             notes.append(str(e))
             continue

@@ -23,6 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..outputs import check_folder_out
 from ..types import RankwiseError
 from .launchers import Job, make_launcher
 from .results import MANIFEST, RUNS_DIR, is_finished, write_json_atomic
@@ -106,6 +107,7 @@ def sweep(experiment: str | os.PathLike, out: str | os.PathLike, *, jobs: int | 
     (their logs in OUT/logs) and retried by the next sweep."""
     from tqdm.auto import tqdm
 
+    check_folder_out(out, "sweep")  # never ., .., an ancestor, or a folder of the user's (rankwise.outputs)
     exp = load_experiment(experiment)  # every check before anything is written
     the_launcher = make_launcher(launcher, jobs=jobs, address=address, resources=exp.resources)
     out = Path(out)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +17,7 @@ from .prepare import (clean_metrics, encode, make_trainer, pick_device, quiet_li
                       resolve_model_path, say)
 from .tasks import format_prompt, load_model, load_tokenizer
 
-__all__ = ["load_run", "load_run_model", "evaluate_run", "merge_run", "predict", "predict_with", "restores_head"]
+__all__ = ["load_run", "run_inputs", "check_run_base", "load_run_model", "evaluate_run", "merge_run", "predict", "predict_with", "restores_head"]
 
 
 def load_run(run_dir: str | os.PathLike) -> dict:
@@ -31,11 +33,36 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise RankwiseError(f"{p / 'task.json'} is corrupt ({str(e).splitlines()[0][:120]}); re-run "
                             "`rankwise train` for this folder") from None
-    missing = [k for k in ("task", "base_model", "base_model_path", "data") if not isinstance(task_info, dict)
-               or k not in task_info]
-    if missing:
-        raise RankwiseError(f"{p / 'task.json'} is corrupt (no {', '.join(missing)}); re-run `rankwise train`")
-    return task_info
+    from .record import check_task_json
+
+    return check_task_json(task_info, str(p / "task.json"))  # wrong types: one line naming the field
+
+
+def run_inputs(run_dir: str | os.PathLike) -> list[str]:
+    """What a command using this run reads: the run folder and its base model folder (an output may be neither)."""
+    return [str(run_dir), load_run(run_dir)["base_model_path"]]
+
+
+def check_run_base(base_model, run_dir: str | os.PathLike) -> None:
+    """Raise RankwiseError unless `base_model` (loaded for the run) is the model the run was trained on, by the
+    rule training applies a plan with (apply.check_plan_fits against the run's plan.json and its fingerprint):
+    a planned layer missing or of another shape is an error; differences elsewhere are `warning:` lines. A base
+    folder that now holds another model with the same layer shapes but fewer layers would otherwise load with
+    peft's "keys did not match" warnings only, and predict nonsense."""
+    p = Path(run_dir) / "plan.json"
+    if not p.is_file():
+        return  # runs without a plan (none written by rankwise today): nothing to check against
+    from ..apply import check_plan_fits
+    from ..plan import Plan
+
+    try:
+        notes = check_plan_fits(base_model, Plan.load(p))
+    except RankwiseError as e:  # the plan's own advice (re-plan this model) does not fit a trained run
+        why = re.sub(r";? *\(?re-run `rankwise plan` on this model\)?", "", str(e))
+        raise RankwiseError(f"the base model is not the one {run_dir} was trained on: {why}; put that model back "
+                            "at task.json's base_model_path, or retrain") from None
+    for note in notes:
+        print(f"warning: base model of {run_dir}: {note}", file=sys.stderr)
 
 
 def _base_path(task_info: dict) -> str:
@@ -79,6 +106,7 @@ def load_run_model(run_dir: str | os.PathLike, device: str = "cpu", full_precisi
     # report would be a false alarm here
     with quiet_libraries(not restores_head(task_info)):
         base = load_model(_base_path(task_info), task_info["task"], info, quantization=quant, device=device)
+    check_run_base(base, run_dir)
     if task_info.get("pair_encoding") == "separate":  # the head was trained on the separate-pairs forward
         from .pairs import separate_pairs
 
