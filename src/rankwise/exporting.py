@@ -153,12 +153,13 @@ def save_merged(plain: PlainLora, run_dir: Path, out: Path, **_) -> None:
     """The base model with the adapter folded in (`merge_and_unload`): a plain transformers folder."""
     from peft import PeftModel
 
-    from .training.runs import _base_path, load_run
+    from .training.runs import _base_path, check_run_base, load_run
     from .training.data import DataInfo
     from .training.tasks import load_model
 
     task_info = load_run(run_dir)
     base = load_model(_base_path(task_info), task_info["task"], DataInfo.from_dict(task_info["data"]))
+    check_run_base(base, run_dir)  # the base folder still holds the model the run was trained on
     scratch = out.parent / f".{out.name}.lora-{os.getpid()}"
     try:
         save_plain_lora(plain, Path(run_dir), scratch)
