@@ -11,18 +11,31 @@ measure (`analyze`) -> decide (`make_plan` with a registered strategy and an exa
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import logging as _logging
+import sys as _sys
+import types as _types
 
-import logging as _logging  # noqa: E402
+from .version import __version__
 
 # peft imports bitsandbytes (the qlora extra) when installed, whose CPU backend then logs that an optional
 # `kernels` package is missing, on every rankwise command: nothing a user can act on.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
-from .allocators import list_allocators, register_allocator  # noqa: E402
-from .apply import apply, verify  # noqa: E402
-from .plan import Plan, make_plan  # noqa: E402
-from .types import Budget, LayerInfo, LayerStats, RankPattern, RankwiseError  # noqa: E402
+# Loaded on first use (PEP 562): `import rankwise` and `rankwise --help` stay free of torch, transformers and peft,
+# whose import takes seconds. name -> module that defines it.
+_LAZY = {
+    "register_allocator": ".allocators",
+    "apply": ".apply",
+    "verify": ".apply",
+    "Plan": ".plan",
+    "make_plan": ".plan",
+    "Budget": ".types",
+    "LayerInfo": ".types",
+    "LayerStats": ".types",
+    "RankPattern": ".types",
+    "RankwiseError": ".types",
+    "train": ".training",  # the Trainer stack
+}
 
 __all__ = [
     "analyze",
@@ -45,6 +58,8 @@ __all__ = [
 
 def strategies() -> list[str]:
     """Names of the registered allocators (what `--strategy` accepts)."""
+    from .allocators import list_allocators
+
     return [spec.name for spec in list_allocators()]
 
 
@@ -75,9 +90,28 @@ def export(run_dir, out, **kwargs):
 
 
 def __getattr__(name):
-    # The training stage imports transformers' Trainer stack; load it only when asked for.
-    if name == "train":
-        from .training import train
+    if name in _LAZY:
+        import importlib
 
-        return train
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'rankwise' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(_types.ModuleType):
+    """`rankwise.apply` is the function; importing the submodule of the same name (which training does) makes
+    Python bind the module here. An eager `from .apply import apply` used to win by running last; lazily, this
+    keeps the function bound."""
+
+    def __setattr__(self, name, value):
+        if name == "apply" and isinstance(value, _types.ModuleType):
+            value = value.apply
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

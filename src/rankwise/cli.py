@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from .version import __version__
 from .parsing import OneLineParser, check_plot_path, number, parse_set, parse_targets
 from .types import RankwiseError, RankwiseFailure
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .exporting import lora_deltas, register_format
 from .methods import PlainLora, method_of_run
+from .methods.plain import lora_deltas
 from .types import RankwiseError
 
 __all__ = ["save_mlx", "mlx_adapter_tensors", "mlx_config", "SUPPORTED_MODEL_TYPES"]
@@ -42,7 +42,6 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _TOKENIZER_PREFIXES = ("tokenizer", "special_tokens", "vocab", "merges")
 
 
-@register_format("mlx")
 def save_mlx(plain: PlainLora, run_dir: Path, out: Path, *, merge: bool = False, with_base: bool = False,
              **_) -> None:
     """Write the mlx-lm adapter folder (or, with merge, a fused mlx-lm model folder) for `plain` to `out`."""

@@ -97,7 +97,7 @@ class LoraMethod(Method):
 
     def to_lora(self, run_dir, **opts) -> PlainLora:
         if opts.get("rank") is not None or opts.get("energy") is not None:
-            from ..exporting import compress_lora
+            from .plain import compress_lora
 
             return compress_lora(read_peft_adapter(run_dir), rank=opts.get("rank"), energy=opts.get("energy"))
         return read_peft_adapter(run_dir)

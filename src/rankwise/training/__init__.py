@@ -8,7 +8,22 @@
 
 from __future__ import annotations
 
-from .run import train
-from .runs import evaluate_run, load_run, merge_run, predict
-
 __all__ = ["train", "evaluate_run", "merge_run", "predict", "load_run"]
+
+# Loaded on first use (PEP 562): the CLI imports submodules of this package (options, config) to build its parser,
+# and that must not pull in the Trainer stack. name -> module that defines it.
+_LAZY = {"train": ".run", "evaluate_run": ".runs", "merge_run": ".runs", "predict": ".runs", "load_run": ".runs"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

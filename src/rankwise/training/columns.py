@@ -17,12 +17,11 @@ import sys
 from dataclasses import dataclass
 
 from ..types import RankwiseError
-from .data import INSTRUCTION_COLUMNS, LABEL_COLUMNS, TEXT_COLUMN_SETS, detect_columns
+from .data import INSTRUCTION_COLUMNS, LABEL_COLUMNS, ROW_COLUMN, TEXT_COLUMN_SETS, detect_columns
 
 __all__ = ["ROW_COLUMN", "ColumnProfile", "profile_columns", "decide_columns", "find_empty", "drop_or_refuse_empty",
            "describe_decision"]
 
-ROW_COLUMN = "__rankwise_row__"  # 1-based row number in the source file, kept through a shuffled split
 _SAMPLE = 2000  # rows looked at per column: enough to tell text from labels, fast on a million-row file
 _MAX_CLASSES = 100  # more distinct values than this is not a label a person would call low-cardinality
 _SHOW_ROWS = 5  # rows named in an error before "and N more"

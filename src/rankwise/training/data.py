@@ -20,6 +20,7 @@ __all__ = [
     "TEXT_COLUMN_SETS",
     "LABEL_COLUMNS",
     "INSTRUCTION_COLUMNS",
+    "ROW_COLUMN",
     "load_splits",
     "detect_columns",
     "label_info",
@@ -53,6 +54,9 @@ TEXT_COLUMN_SETS = (
 )
 LABEL_COLUMNS = ("label", "labels", "sentiment", "score", "target", "class", "category", "y")
 INSTRUCTION_COLUMNS = ("instruction", "output")  # Alpaca format; `input` is optional
+# 1-based row number in the source file, kept through a shuffled split (here, not in columns.py, which imports
+# this module: the split adds it, the column decision reads it)
+ROW_COLUMN = "__rankwise_row__"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")  # owner/name or owner/name:config
 _SPLIT_NAMES = {
     "train": ("train", "training"),
@@ -157,8 +161,6 @@ def _split_off(ds, fraction: float, seed: int, shuffle: bool, keep_rows: bool = 
         raise RankwiseError("a single data file needs at least 2 rows to split off validation")
     n_val = max(1, int(round(len(ds) * fraction)))
     if keep_rows:  # a shuffled split loses the file's row order; errors must still name rows a person can find
-        from .columns import ROW_COLUMN
-
         ds = ds.add_column(ROW_COLUMN, list(range(1, len(ds) + 1)))
     # Plain text is split contiguously (the tail), so validation is unseen prose, not shuffled neighbours.
     parts = ds.train_test_split(test_size=n_val, seed=seed, shuffle=shuffle)
@@ -182,7 +184,7 @@ def load_splits(data: str | os.PathLike, *, validation_split: float = 0.1, seed:
     """Data spec -> ({split: Dataset} with at least train and validation, kind-of-source string).
 
     A folder with train + test only evaluates on test: splits["validation"] is then splits["test"] (the same
-    object). `keep_rows` adds columns.ROW_COLUMN (source-file row numbers) to a table that is split here."""
+    object). `keep_rows` adds ROW_COLUMN (source-file row numbers) to a table that is split here."""
     p = Path(data)
     if p.is_dir():
         files = _split_files(p)

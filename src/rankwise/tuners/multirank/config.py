@@ -115,7 +115,7 @@ class MultiRankConfig:
 
     # ----- files -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        from ... import __version__
+        from ...version import __version__
 
         return {"format": FORMAT, "schema": SCHEMA, "rankwise_version": __version__, **asdict(self)}
 

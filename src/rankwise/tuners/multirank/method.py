@@ -178,7 +178,7 @@ class MultiRankMethod(Method):
         """Exact: rank sum r_i per layer, s_i c_i folded into B. With rank/energy: SVD-compressed per layer."""
         from peft import LoraConfig
 
-        from ...exporting import compress_lora, plain_from_deltas
+        from ...methods.plain import compress_lora, plain_from_deltas
         from .report import layer_deltas, read_adapter
 
         config, tensors = read_adapter(run_dir)
