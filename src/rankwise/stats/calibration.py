@@ -224,6 +224,11 @@ def calibrate(model: nn.Module, cal: Calibration, layers: Sequence[LayerInfo], *
     if cal.batch_size < 1 or cal.top_k < 1 or cal.components < 1:
         raise RankwiseError("calibration batch_size, top_k and components must be >= 1")
     modules, infos = _resolve(model, layers)
+    packed = [n for n, m in modules.items() if cal.gradients and not m.weight.is_floating_point()]
+    if packed:  # bitsandbytes' packed 4/8-bit weights take no gradient (torch's error names no way out)
+        raise RankwiseError(f"gradient calibration needs float weights, and {packed[0]} is quantised (--quantize): "
+                            "plan on the full-precision model (rankwise plan MODEL --strategy S --data D --out P), "
+                            "then train with --plan P --quantize ...")
     data = _pick(cal.dataset, cal.samples, cal.seed)
     home = next(model.parameters()).device
     device = torch.device(cal.device) if cal.device is not None else home
