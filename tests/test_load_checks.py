@@ -80,11 +80,12 @@ def test_base_with_fewer_layers_of_the_same_shapes_is_refused(world, tmp_path, c
     for argv in (["predict", str(run), "--text", "a great movie"],
                  ["eval", str(run), "--data", str(world["data"]), "-q"],
                  ["merge", str(run), "--out", str(tmp_path / "merged"), "-q"],
+                 ["export", str(run), "--format", "merged", "--out", str(tmp_path / "exported"), "-q"],
                  ["predict", "--adapters", f"a={run}", "--text", "a great movie"]):
         code, err = _cli(argv, capsys)
         assert code == 2 and len(err.splitlines()) == 1, (argv, err)
         assert "not the one" in err and "encoder.layer.1" in err, (argv, err)
-    assert not (tmp_path / "merged").exists()
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "exported").exists()
     from rankwise.training.runs import load_run_model
 
     with pytest.raises(RankwiseError, match="not the one .* was trained on"):
