@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 HEAVY = ("torch", "transformers", "peft", "datasets")
 
@@ -117,15 +119,16 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_cli_imports_nothing_heavy():
-    """`import rankwise.cli` and `rankwise --help` load no torch/transformers/peft/datasets (a fresh process: this
-    one has imported them already)."""
+@pytest.mark.parametrize("argv", [["--help"], ["strategies"], ["train", "--help"]])
+def test_commands_without_a_model_import_nothing_heavy(argv):
+    """`import rankwise.cli` and commands that need no model load no torch/transformers/peft/datasets (a fresh
+    process: this one has imported them already)."""
     code = ("import sys, contextlib, io\n"
             "import rankwise.cli\n"
             "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
-            "    code = rankwise.cli.main(['--help'])\n"
-            "assert code == 0 and 'train' in out.getvalue(), (code, out.getvalue())\n"
+            f"    code = rankwise.cli.main({argv!r})\n"
+            "assert code == 0 and out.getvalue(), (code, out.getvalue())\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]", f"rankwise --help imported {done.stdout.strip()}"
+    assert done.stdout.strip() == "[]", f"rankwise {' '.join(argv)} imported {done.stdout.strip()}"

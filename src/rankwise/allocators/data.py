@@ -1,5 +1,6 @@
 """Data-driven allocators: ranks from statistics measured on a calibration sample of the training data
-(`rankwise.stats.calibration`), spent under the same exact parameter budget as every other strategy.
+(`rankwise.stats.calibration`; their names in `rankwise.metric_names`), spent under the same exact parameter
+budget as every other strategy.
 
 - `activation`: rank proportional to an activation signal of the layer's input/output.
 - `gradient`: GoRA's allocation (He et al., NeurIPS 2025): importance I = mean |W * G| over the weight's entries,
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ..stats.calibration import DATA_METRICS, EVR_PREFIX, evr_key
+from ..metric_names import DATA_METRICS, EVR_PREFIX, evr_key
 from ..types import Budget, LayerStats, RankPattern, RankwiseError
 from .budget import pattern_from_weights, rank_bounds
 from .registry import get_allocator, register_allocator

@@ -35,27 +35,14 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from ..metric_names import (ACTIVATION_METRICS, DATA_METRICS, EVR_PREFIX, GRADIENT_METRICS, evr_key,  # noqa: F401
+                            is_data_metric)
 from ..targets import adaptable_layers, match_names
 from ..types import LayerInfo, LayerStats, RankwiseError
 from .spectral import effective_rank
 
 __all__ = ["ACTIVATION_METRICS", "GRADIENT_METRICS", "DATA_METRICS", "EVR_PREFIX", "Calibration",
            "CalibrationResult", "calibrate", "with_data_metrics", "evr_key", "is_data_metric"]
-
-ACTIVATION_METRICS = ("act_in_norm2", "act_out_norm2", "act_effective_rank", "act_explained_topk")
-GRADIENT_METRICS = ("grad_norm", "grad_sensitivity", "grad_stable_rank")
-DATA_METRICS = ACTIVATION_METRICS + GRADIENT_METRICS
-EVR_PREFIX = "act_evr_"  # act_evr_1 .. act_evr_K: explained-variance ratio of the i-th input direction
-
-
-def evr_key(i: int) -> str:
-    """Metric name of the explained-variance ratio of the i-th (1-based) largest input direction."""
-    return f"{EVR_PREFIX}{i}"
-
-
-def is_data_metric(name: str) -> bool:
-    return name in DATA_METRICS or name.startswith(EVR_PREFIX)
-
 
 @dataclass
 class Calibration:
