@@ -88,7 +88,7 @@ def test_plan_plot_and_options(capsys, bert_dir, tmp_path):
     (["plan", "{m}", "-s", "nope", "--budget", "1k"], "unknown strategy"),
     (["plan", "{m}", "-s", "uniform"], "exactly one of --budget"),
     (["plan", "{m}", "-s", "uniform", "--budget", "12 apples"], "cannot read budget"),
-    (["plan", "{m}", "-s", "uniform", "--budget", "10"], "feasible range"),
+    (["plan", "{m}", "-s", "uniform", "--budget", "10"], "uniform needs rank 1 on each"),
     (["plan", "{m}", "-s", "uniform", "--budget", "1k", "--targets", "q_proj"], "match no adaptable"),
     (["plan", "{m}", "-s", "spectral", "--budget", "1k", "--set", "bogus=1"], "no option bogus"),
     (["analyze", "/no/such/model"], "/no/such/model"),

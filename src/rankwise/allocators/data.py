@@ -21,7 +21,7 @@ from typing import Sequence
 
 from ..metric_names import DATA_METRICS, EVR_PREFIX, evr_key
 from ..types import Budget, LayerStats, RankPattern, RankwiseError
-from .budget import pattern_from_weights, rank_bounds
+from .budget import RankBounds, feasible_range, pattern_from_weights, rank_bounds
 from .registry import get_allocator, register_allocator
 
 __all__ = ["activation", "gradient", "eva", "eva_counts", "is_data_driven", "ACTIVATION_SIGNALS"]
@@ -134,6 +134,8 @@ def eva_counts(stats: Sequence[LayerStats], budget: Budget, *, min_rank: int = 1
     and the layer stays within min(max rank, rho x the uniform rank this budget buys)."""
     infos = [s.info for s in stats]
     bounds = [rank_bounds(lay, min_rank, max_rank, rank_step) for lay in infos]
+    if min_rank == 1 and budget.params < feasible_range(infos, bounds)[0]:  # below rank 1 everywhere: from 0
+        bounds = [RankBounds(0, b.hi, b.step) for b in bounds]
     uniform = budget.params / sum(lay.params_per_rank for lay in infos)
     counts = [b.lo for b in bounds]
     left = budget.params - sum(c * lay.params_per_rank for c, lay in zip(counts, infos))

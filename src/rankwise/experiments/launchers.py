@@ -91,6 +91,7 @@ class LocalLauncher:
     def run(self, jobs: list[Job], on_start: Callable[[Job], None]) -> Iterator[tuple[Job, int | None]]:
         """Yield (job, exit code) as runs finish. On interruption every running child is stopped."""
         env = forwarded_env(max(1, (os.cpu_count() or 1) // self.jobs))
+        self._stop.clear()  # a sweep calls run() once per phase (tuning, then the grid)
         pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="rankwise-run")
         futures = {pool.submit(self._one, j, env, on_start): j for j in jobs}
         try:

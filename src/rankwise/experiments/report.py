@@ -18,13 +18,11 @@ from pathlib import Path
 
 from ..outputs import check_folder_out
 from ..types import RankwiseError
-from .results import RunResult, collect, read_manifest, write_json_atomic
+from .results import LOWER_IS_BETTER, RunResult, collect, headline_metric, read_manifest, write_json_atomic
 
 __all__ = ["Cell", "summarize", "paired_t", "holm", "build_cells", "make_report", "REFERENCE", "LOWER_IS_BETTER"]
 
 REFERENCE = "uniform"
-LOWER_IS_BETTER = ("eval_loss", "perplexity", "eval_mse")
-_DEFAULT_METRICS = ("eval_pearson", "eval_accuracy", "eval_loss")  # CoLA: set metric: eval_mcc
 
 
 def summarize(values) -> tuple[float, float, int]:
@@ -94,16 +92,7 @@ class Cell:
 
 
 def _metric_for(task: str, runs: list[RunResult], chosen: dict) -> str:
-    keys = set.intersection(*(set(r.eval) for r in runs))
-    if chosen.get(task):
-        if chosen[task] not in keys:
-            raise RankwiseError(f"task {task}: metric {chosen[task]!r} is not in every run's eval; "
-                                f"available: {', '.join(sorted(keys))}")
-        return chosen[task]
-    for m in _DEFAULT_METRICS:
-        if m in keys:
-            return m
-    raise RankwiseError(f"task {task}: no headline metric among {sorted(keys)}; set tasks.{task}.metric")
+    return headline_metric(task, [r.eval for r in runs], chosen)
 
 
 def _order(labels) -> list[str]:

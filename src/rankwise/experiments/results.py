@@ -14,9 +14,11 @@ from pathlib import Path
 from ..training.record import CorruptRecord
 from ..types import RankwiseError
 
-__all__ = ["RunResult", "write_json_atomic", "load_results", "is_finished", "read_manifest", "collect",
+__all__ = ["RunResult", "headline_metric", "LOWER_IS_BETTER", "write_json_atomic", "load_results", "is_finished", "read_manifest", "collect",
            "MANIFEST", "RUNS_DIR"]
 
+LOWER_IS_BETTER = ("eval_loss", "perplexity", "eval_mse")
+_DEFAULT_METRICS = ("eval_pearson", "eval_accuracy", "eval_loss")  # CoLA: set metric: eval_mcc
 MANIFEST = "sweep.json"
 RUNS_DIR = "runs"
 _SCHEMA = 1
@@ -59,6 +61,21 @@ def load_results(path: str | os.PathLike) -> dict:
     from ..training.record import check_results_json
 
     return check_results_json(r, str(p))  # complete but of wrong types: CorruptRecord naming the field
+
+
+def headline_metric(task: str, evals: list[dict], chosen: dict) -> str:
+    """The metric a task is judged by: `tasks.T.metric` if set, else the first of pearson, accuracy, loss that
+    every run reports. The report's tables and the tuning choice use the same rule."""
+    keys = set.intersection(*(set(e) for e in evals)) if evals else set()
+    if chosen.get(task):
+        if chosen[task] not in keys:
+            raise RankwiseError(f"task {task}: metric {chosen[task]!r} is not in every run's eval; "
+                                f"available: {', '.join(sorted(keys))}")
+        return chosen[task]
+    for m in _DEFAULT_METRICS:
+        if m in keys:
+            return m
+    raise RankwiseError(f"task {task}: no headline metric among {sorted(keys)}; set tasks.{task}.metric")
 
 
 def is_finished(run_dir: str | os.PathLike) -> bool:

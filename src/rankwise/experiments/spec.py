@@ -19,113 +19,18 @@ Relative paths (data, model folders) resolve against the YAML file's folder; `$V
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..types import RankwiseError
+from . import validate as v
+from .cells import Run, _hashed, apply_values, budget_label, cell_id
+from .schema import (BUDGET_SETTINGS, GRID_KEYS, RESOURCE_KEYS, SETTINGS, TOP_KEYS, MethodEntry,
+                     resolve_settings)
 
-__all__ = ["Experiment", "MethodEntry", "Run", "load_experiment", "SETTINGS", "BUDGET_SETTINGS", "TOP_KEYS",
-           "GRID_KEYS"]
-
-TOP_KEYS = ("name", "description", "base", "tasks", "grid", "resources")
-GRID_KEYS = ("methods", "budgets", "seeds")
-ENTRY_KEYS = ("strategy", "method", "options", "label", "budgets")
-RESOURCE_KEYS = ("num_cpus", "num_gpus")
-# `rankwise train` settings an experiment may set (base or per task); each becomes --key-with-dashes, except
-# train_args: {key: value} -> --train-arg key=value (any TrainingArguments field).
-SETTINGS = ("model", "data", "task", "text_columns", "label_column", "validation_split", "max_train_samples",
-            "max_eval_samples", "max_length", "targets", "lora_alpha", "lora_dropout", "dora", "rslora", "epochs",
-            "lr", "batch_size", "max_steps", "device", "warmup_ratio", "weight_decay", "scheduler", "grad_accum",
-            "eval_steps", "train_args", "pair_encoding")
-# What `by_budget` may change at one budget: training settings only, never the model, targets or data.
-BUDGET_SETTINGS = ("epochs", "lr", "batch_size", "max_steps", "warmup_ratio", "weight_decay", "scheduler",
-                   "grad_accum", "lora_alpha", "lora_dropout", "train_args")
-_TASK_ONLY = ("metric",)  # read by the report (the task's headline metric), never passed to train
-_COMMON_RANK = ("min_rank", "max_rank", "rank_step")  # passed as strategy options through --set
-_LABEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
-# Strategies `strategy: all` leaves out: they need a finished run's ranks (`rankwise plan --from-run`), which no
-# grid cell has. List them explicitly with their options if you mean them.
-_NOT_IN_ALL = ("discovered",)
-
-
-@dataclass(frozen=True)
-class MethodEntry:
-    """One line of grid.methods: a static allocator (`strategy`) or a training method (`method`)."""
-
-    kind: str  # "strategy" | "method"
-    name: str
-    options: dict = field(default_factory=dict)
-    label: str = ""
-    budgets: tuple | None = None  # overrides grid.budgets for this entry
-
-    def canonical(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "options": self.options}
-
-
-@dataclass(frozen=True)
-class Run:
-    """One cell of the grid: one `rankwise train` with its own run folder."""
-
-    id: str
-    task: str
-    label: str
-    entry: MethodEntry
-    budget: int | str
-    seed: int
-    settings: dict  # resolved train settings (paths absolute)
-
-    @property
-    def budget_label(self) -> str:
-        return f"r{self.budget}" if isinstance(self.budget, int) else f"b{self.budget}"
-
-    def train_args(self) -> list[str]:
-        """`rankwise train` arguments, without --out."""
-        s = dict(self.settings)
-        args = [str(s.pop("model")), "--data", str(s.pop("data")), "--seed", str(self.seed)]
-        for key, value in s.items():
-            args += _flag(key, value)
-        e = self.entry
-        budget = ["--budget-rank", str(self.budget)] if isinstance(self.budget, int) else ["--budget", self.budget]
-        if e.kind == "strategy":
-            args += ["--strategy", e.name, *budget]
-            for k, v in e.options.items():
-                args += ["--set", f"{k}={_set_value(v)}"]
-        else:
-            args += ["--method", e.name, *budget]
-            for k, v in e.options.items():
-                args += ["--ranks", str(v)] if k == "ranks" else ["--set", f"{k}={_set_value(v)}"]
-        return args
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "task": self.task, "label": self.label, "kind": self.entry.kind,
-                "name": self.entry.name, "options": self.entry.options, "budget": self.budget, "seed": self.seed,
-                "args": self.train_args()}
-
-
-def _hashed(written: dict) -> dict:
-    """What a run id hashes: the settings as written (stable across machines), report-only keys left out."""
-    return {k: v for k, v in written.items() if k not in _TASK_ONLY}
-
-
-def _flag(key: str, value) -> list[str]:
-    if key == "train_args":
-        if not isinstance(value, dict):
-            raise RankwiseError(f"train_args must be a mapping of TrainingArguments fields, got {value!r}")
-        return [a for k, v in value.items() for a in ("--train-arg", f"{k}={_set_value(v)}")]
-    flag = "--" + key.replace("_", "-")
-    if isinstance(value, bool):
-        return [flag] if value else []
-    if isinstance(value, (list, tuple)):
-        return [flag, *map(str, value)]
-    return [flag, str(value)]
-
-
-def _set_value(v) -> str:
-    return v if isinstance(v, str) else json.dumps(v)
+__all__ = ["Experiment", "MethodEntry", "Run", "load_experiment", "apply_values", "budget_label", "cell_id",
+           "SETTINGS", "BUDGET_SETTINGS", "TOP_KEYS", "GRID_KEYS"]
 
 
 @dataclass
@@ -142,68 +47,73 @@ class Experiment:
     metrics: dict  # task -> headline metric name (or None: the report picks by task kind)
     text: str = ""
     by_budget: dict = field(default_factory=dict)  # task -> {budget: settings that differ at that budget}
+    tune: object = None  # TuneSpec | None  # the tune: section (experiments/tuning.py)
 
     def settings_for(self, task: str, budget) -> dict:
         """The task's settings as written, with what `by_budget` changes at this budget."""
-        from .validate import overlay
+        return v.overlay(self.tasks[task], self.by_budget.get(task, {}).get(budget, {}))
 
-        return overlay(self.tasks[task], self.by_budget.get(task, {}).get(budget, {}))
+    def budgets_of(self, entry: MethodEntry) -> list:
+        return list(entry.budgets if entry.budgets is not None else self.budgets)
 
-    def runs(self) -> list[Run]:
-        """Every cell: tasks x seeds x budgets x methods, tasks in file order. Ids hash the cell as written.
+    def all_budgets(self) -> list:
+        return list(dict.fromkeys(b for e in self.entries for b in self.budgets_of(e)))
+
+    def cell_settings(self, task: str, entry: MethodEntry, budget) -> dict:
+        """The settings a cell trains with, as written: task, by_budget, the entry's targets, the held-out rows."""
+        written = self.settings_for(task, budget)
+        if entry.targets is not None:
+            written = {**written, "targets": list(entry.targets)}
+        if self.tune is not None:  # no run of the grid trains on the rows the settings are chosen on
+            written = {**written, **self.tune.holdout()}
+        return written
+
+    def runs(self, choices: dict | None = None) -> list[Run]:
+        """Every grid cell: tasks x seeds x budgets x methods, tasks in file order. Ids hash the cell as written.
 
         Seeds and budgets run outside methods so that a sweep stopped part-way has already finished every method
-        of the first seeds: its partial results are paired comparisons, not one method's seeds.
+        of the first seeds: its partial results are paired comparisons, not one method's seeds. With a tune:
+        section, `choices` ({(task, label, budget): values}) are laid on each cell; a cell whose choice is not
+        made yet is `pending` (its settings, and so its id, are known once its tuning cells have finished).
         """
         out = []
         for task in self.tasks:
-            budgets = list(dict.fromkeys(b for e in self.entries for b in (e.budgets or self.budgets)))
             for seed in self.seeds:
-                for budget in budgets:
-                    # ids hash the settings this cell really trains with: a by_budget line renews only its cells
-                    written = self.settings_for(task, budget)
-                    resolved = resolve_settings(written, self.path.parent)
+                for budget in self.all_budgets():
                     for e in self.entries:
-                        if budget not in (e.budgets if e.budgets is not None else self.budgets):
+                        if budget not in self.budgets_of(e):
                             continue
-                        cell = {"task": task, "settings": _hashed(written), "entry": e.canonical(),
-                                "budget": budget, "seed": seed}
-                        digest = hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:8]
-                        b = f"r{budget}" if isinstance(budget, int) else f"b{budget}"
-                        rid = f"{task}-{e.label}-{b}-s{seed}-{digest}"
-                        out.append(Run(rid, task, e.label, e, budget, seed, resolved))
+                        out.append(self._grid_cell(task, e, budget, seed, choices))
         return out
+
+    def _grid_cell(self, task: str, e: MethodEntry, budget, seed: int, choices: dict | None) -> Run:
+        written = self.cell_settings(task, e, budget)
+        chosen, pending = {}, False
+        if self.tune is not None:
+            key = (task, self.tune.source(e.label, budget), budget)
+            pending = choices is None or key not in choices
+            chosen = {} if pending else dict(choices[key])
+        written, entry = apply_values(written, e, chosen)
+        resolved = resolve_settings(written, self.path.parent)
+        cell = {"task": task, "settings": _hashed(written), "entry": entry.canonical(), "budget": budget,
+                "seed": seed}
+        rid = "pending" if pending else cell_id(task, e.label, budget, seed, cell)
+        return Run(rid, task, e.label, entry, budget, seed, resolved, candidate=chosen, pending=pending)
+
+    def tuning_runs(self) -> list[Run]:
+        """The tune: section's cells (none without one): each candidate on the held-out rows, per task first."""
+        return [] if self.tune is None else self.tune.cells(self)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "path": str(self.path), "base": self.base,
                 "tasks": self.tasks, "metrics": self.metrics,
                 "by_budget": {t: {str(b): v for b, v in bb.items()} for t, bb in self.by_budget.items() if bb}, "budgets": self.budgets, "seeds": self.seeds,
                 "methods": [dict(e.canonical(), label=e.label, budgets=e.budgets) for e in self.entries],
-                "resources": self.resources}
-
-
-def _expand(value, folder: Path, must_exist: bool) -> str:
-    text = os.path.expandvars(str(value))
-    p = Path(text)
-    if not p.is_absolute():
-        cand = folder / p
-        if must_exist or cand.exists():
-            return str(cand.resolve())
-    return text
-
-
-def resolve_settings(written: dict, folder: Path) -> dict:
-    """Settings with data (and a model given as a folder) resolved against the experiment file's folder."""
-    s = {k: v for k, v in written.items() if k not in _TASK_ONLY}
-    s["data"] = _expand(s["data"], folder, must_exist=True)
-    s["model"] = _expand(s["model"], folder, must_exist=False)
-    return s
+                "resources": self.resources, **({"tune": self.tune.to_dict()} if self.tune is not None else {})}
 
 
 def _read(path: Path) -> dict:
     import yaml
-
-    from .validate import mapping
 
     if not path.is_file():
         raise RankwiseError(f"experiment file {path} does not exist")
@@ -212,12 +122,12 @@ def _read(path: Path) -> dict:
     except yaml.YAMLError as e:
         first = " ".join(str(e).split())
         raise RankwiseError(f"{path} is not valid YAML: {first[:200]}") from None
-    return mapping(raw, str(path))
+    return v.mapping(raw, str(path))
 
 
 def load_experiment(path: str | os.PathLike, *, check_budgets: bool = True) -> Experiment:
     """Read and validate an experiment file. Raises RankwiseError (one line, naming the key) on any problem."""
-    from . import validate as v
+    from .tuning import parse_tune
 
     path = Path(path)
     raw = _read(path)
@@ -248,6 +158,7 @@ def load_experiment(path: str | os.PathLike, *, check_budgets: bool = True) -> E
                      description=str(raw.get("description") or ""), base=base, tasks=tasks, entries=entries,
                      budgets=budgets, seeds=v.parse_seeds(grid["seeds"], "grid.seeds"), resources=resources,
                      metrics=metrics, text=path.read_text(), by_budget=by_budget)
+    exp.tune = parse_tune(raw.get("tune"), exp)
     if check_budgets:
         v.check_budgets_feasible(exp)
     return exp

@@ -3,6 +3,8 @@
     OUT/sweep.json          the current grid (runs, their arguments), the experiment file's text, the command
     OUT/runs/<run id>/      one finished run: peft adapter, plan.json, results.json (written by train, renamed
                             into place only when complete)
+    OUT/tuning/<run id>/    with a tune: section, one candidate's run on the held-out training rows; a cell that
+                            failed (diverged) leaves <run id>.failed.json: its candidate scores worst
     OUT/logs/<run id>.log   the run's output
     OUT/attempts.jsonl      one line per start/end of a run (how many times each run was started)
 
@@ -29,7 +31,8 @@ from .launchers import Job, make_launcher
 from .results import MANIFEST, RUNS_DIR, is_finished, write_json_atomic
 from .spec import Experiment, Run, load_experiment
 
-__all__ = ["sweep", "plan_runs", "planned_params", "format_dry_run", "SweepSummary"]
+__all__ = ["sweep", "plan_runs", "planned_params", "format_dry_run", "check_train_flags", "tuning_state",
+           "SweepSummary", "FAILED"]
 
 
 class SweepSummary(dict):
@@ -58,12 +61,45 @@ def _clean(runs_dir: Path, run_id: str) -> None:
             p.unlink()
 
 
-def plan_runs(exp: Experiment, out: Path) -> tuple[list[Run], list[Run]]:
-    """(finished, to do) for the experiment's grid in `out`."""
+def plan_runs(exp: Experiment, out: Path, choices: dict | None = None) -> tuple[list[Run], list[Run]]:
+    """(finished, to do) among the grid cells whose settings are known (tuned ones once chosen)."""
     done, todo = [], []
-    for run in exp.runs():
-        (done if is_finished(out / RUNS_DIR / run.id) else todo).append(run)
+    for run in exp.runs(_choices(exp, out) if choices is None else choices):
+        if not run.pending:
+            (done if is_finished(out / run.folder / run.id) else todo).append(run)
     return done, todo
+
+
+def tuning_state(exp: Experiment, out: Path) -> tuple[dict, list[dict]]:
+    """(choices, tuning table) from the tuning cells finished (or failed for good) in `out`."""
+    from .results import load_results
+    from .tuning import select
+
+    scores = {}
+    for run in exp.tuning_runs():
+        d = out / run.folder / run.id
+        if is_finished(d):
+            scores[run.id] = load_results(d)["eval"]
+        elif (out / run.folder / f"{run.id}{FAILED}").is_file():  # diverged at this value: the worst score
+            scores[run.id] = {"failed": True}
+    return select(exp.tune, exp.tuning_runs(), scores, lambda t, evals: _metric(exp, t, evals), _lower_is_better)
+
+
+def _choices(exp: Experiment, out: Path) -> dict:
+    return tuning_state(exp, out)[0] if exp.tune is not None else {}
+
+
+def _metric(exp: Experiment, task: str, evals: list[dict]) -> str:
+    """The task's metric for choosing: tasks.T.metric, else the one the report would headline."""
+    from .results import headline_metric
+
+    return headline_metric(task, evals, exp.metrics)
+
+
+def _lower_is_better(metric: str) -> bool:
+    from .results import LOWER_IS_BETTER
+
+    return metric in LOWER_IS_BETTER
 
 
 def _attempt(out: Path, run_id: str, event: str, **extra) -> None:
@@ -74,11 +110,23 @@ def _attempt(out: Path, run_id: str, event: str, **extra) -> None:
 
 
 def _write_manifest(exp: Experiment, out: Path, command: str) -> None:
-    write_json_atomic(out / MANIFEST, {
+    """sweep.json: the grid's cells with settings known (tuned cells once chosen), the tuning table and choices."""
+    manifest = {
         "schema": 1, "experiment": exp.to_dict(), "experiment_text": exp.text, "command": command, "host": _host(),
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "runs": [r.to_dict() for r in exp.runs()],
-    })
+    }
+    if exp.tune is not None:
+        choices, table = tuning_state(exp, out)
+        runs = exp.runs(choices)
+        manifest["tuning"] = {
+            "spec": exp.tune.to_dict(), "table": table,
+            "choices": [{"task": t, "label": lab, "budget": b, "values": v} for (t, lab, b), v in choices.items()],
+            "runs": [r.to_dict() for r in exp.tuning_runs()],
+            "pending_grid_runs": sum(r.pending for r in runs)}
+        manifest["runs"] = [r.to_dict() for r in runs if not r.pending]
+    else:
+        manifest["runs"] = [r.to_dict() for r in exp.runs()]
+    write_json_atomic(out / MANIFEST, manifest)
 
 
 def _host() -> str:
@@ -109,44 +157,30 @@ def sweep(experiment: str | os.PathLike, out: str | os.PathLike, *, jobs: int | 
 
     check_folder_out(out, "sweep")  # never ., .., an ancestor, or a folder of the user's (rankwise.outputs)
     exp = load_experiment(experiment)  # every check before anything is written
+    check_train_flags([*exp.tuning_runs(), *exp.runs({})])
     the_launcher = make_launcher(launcher, jobs=jobs, address=address, resources=exp.resources)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        _write_manifest(exp, out, command or "rankwise " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-        done, todo = plan_runs(exp, out)
-        runs_dir = out / RUNS_DIR
-        runs_dir.mkdir(exist_ok=True)
-        for run in todo:
-            _clean(runs_dir, run.id)
-        summary = SweepSummary(total=len(done) + len(todo), skipped=len(done), ran=0, failed=[], out=str(out))
-        jobs_ = [Job(r.id, tuple(r.train_args()), str(runs_dir / r.id), str(out / "logs" / f"{r.id}.log"))
-                 for r in todo]
-        bar = tqdm(total=summary["total"], initial=len(done), unit="run", desc="sweep", disable=not progress,
-                   dynamic_ncols=True)
-        starts: dict[str, float] = {}
-
-        def on_start(job: Job) -> None:
-            starts[job.id] = time.perf_counter()
-            _attempt(out, job.id, "start")
-            bar.set_postfix_str(job.id, refresh=True)
-
+        command = command or "rankwise " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        _write_manifest(exp, out, command)
+        summary = SweepSummary(total=0, skipped=0, ran=0, failed=[], out=str(out))
+        bar = tqdm(total=0, unit="run", desc="sweep", disable=not progress, dynamic_ncols=True)
         try:
-            for job, code in the_launcher.run(jobs_, on_start):
-                if code is None:
-                    continue
-                ok = code == 0 and is_finished(job.out)
-                _attempt(out, job.id, "done" if ok else "failed", exit_code=code,
-                         seconds=round(time.perf_counter() - starts.get(job.id, time.perf_counter()), 1))
-                if ok:
-                    summary["ran"] += 1
-                else:
-                    summary["failed"].append(job.id)
-                    _clean(runs_dir, job.id)
-                    bar.write(f"run {job.id} failed (exit {code}): {_last_line(job.log)} [log: {job.log}]")
-                bar.update(1)
+            # Task by task: its tuning cells, then its grid cells (their settings need the choice); a task's
+            # grid starts as soon as its own tuning is done.
+            for task in exp.tasks:
+                for phase in ("tune", "grid"):
+                    if phase == "tune":
+                        cells = [r for r in exp.tuning_runs() if r.task == task]
+                    else:
+                        cells = [r for r in exp.runs(_choices(exp, out)) if r.task == task]
+                        summary["pending"] = summary.get("pending", 0) + sum(r.pending for r in cells)
+                        cells = [r for r in cells if not r.pending]
+                    _run_cells(cells, out, the_launcher, summary, bar)
+                    _write_manifest(exp, out, command)
         finally:
             bar.close()
         return summary
@@ -156,6 +190,52 @@ def sweep(experiment: str | os.PathLike, out: str | os.PathLike, *, jobs: int | 
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         lock.close()
+
+
+FAILED = ".failed.json"  # beside a tuning cell that failed: its candidate scores worst; delete it to retry
+
+
+def _run_cells(cells: list[Run], out: Path, launcher, summary: SweepSummary, bar) -> None:
+    """Run the unfinished cells of one phase; finished ones are counted as skipped."""
+    todo = []
+    for r in cells:
+        finished = is_finished(out / r.folder / r.id)
+        failed_for_good = r.phase == "tune" and (out / r.folder / f"{r.id}{FAILED}").is_file()
+        if not finished and not failed_for_good:
+            todo.append(r)
+    summary["total"] += len(cells)
+    summary["skipped"] += len(cells) - len(todo)
+    bar.total = summary["total"]
+    bar.update(len(cells) - len(todo))
+    by_id = {r.id: r for r in todo}
+    for r in todo:
+        (out / r.folder).mkdir(exist_ok=True)
+        _clean(out / r.folder, r.id)
+    jobs_ = [Job(r.id, tuple(r.train_args()), str(out / r.folder / r.id), str(out / "logs" / f"{r.id}.log"))
+             for r in todo]
+    starts: dict[str, float] = {}
+
+    def on_start(job: Job) -> None:
+        starts[job.id] = time.perf_counter()
+        _attempt(out, job.id, "start")
+        bar.set_postfix_str(job.id, refresh=True)
+
+    for job, code in launcher.run(jobs_, on_start):
+        if code is None:
+            continue
+        ok = code == 0 and is_finished(job.out)
+        seconds = round(time.perf_counter() - starts.get(job.id, time.perf_counter()), 1)
+        _attempt(out, job.id, "done" if ok else "failed", exit_code=code, seconds=seconds)
+        if ok:
+            summary["ran"] += 1
+        else:
+            summary["failed"].append(job.id)
+            _clean(Path(job.out).parent, job.id)
+            why = _last_line(job.log)
+            bar.write(f"run {job.id} failed (exit {code}): {why} [log: {job.log}]")
+            if by_id[job.id].phase == "tune" and code > 0:  # killed (code < 0) is not a result; a failure is
+                write_json_atomic(Path(job.out).parent / f"{job.id}{FAILED}", {"exit_code": code, "error": why})
+        bar.update(1)
 
 
 def _main_thread() -> bool:
@@ -223,30 +303,76 @@ def _stats(path: str, spec, cache: dict):
     return cache[key]
 
 
-def format_dry_run(exp: Experiment, out: Path) -> str:
+def check_train_flags(runs: list[Run]) -> None:
+    """Each cell's `rankwise train` arguments parsed as `rankwise train` parses them (types and ranges), so a bad
+    setting (max_steps: -3) fails the dry run and the sweep before anything runs, naming the cell."""
+    import contextlib
+    import io
+
+    from ..parsing import OneLineParser
+    from ..training.commands import _add_train
+
+    parser = OneLineParser(prog="rankwise")
+    _add_train(parser.add_subparsers(dest="command"))
+    seen = set()
+    for run in runs:
+        args = tuple(run.train_args())
+        if args in seen:
+            continue
+        seen.add(args)
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                parser.parse_args(["train", *args, "--out", "unused"])
+        except SystemExit:
+            why = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "invalid arguments"
+            why = why.split("error: ", 1)[-1].split(" (see ")[0]
+            raise RankwiseError(f"cell {run.id if not run.pending else run.label} ({run.task}, "
+                                f"{run.budget_label}): {why}") from None
+
+
+def format_dry_run(exp: Experiment, out: Path, tolerance: float = 0.02) -> str:
+    """Every tuning and grid cell with its status, its budget and what it will spend (and whether within
+    `tolerance` of the budget: an entry that cannot spend it is said here, before anything runs)."""
     from ..allocators import parse_budget
 
     from .skeleton import layers_of
 
-    done, todo = plan_runs(exp, out)
-    finished = {r.id for r in done}
+    choices = _choices(exp, out)
+    cells = [*exp.tuning_runs(), *exp.runs(choices)]
+    check_train_flags(cells)
     cache: dict = {}
-    rows = []
-    for run in exp.runs():
+    rows, unmet, counts = [], [], {"done": 0, "todo": 0, "pending": 0}
+    for run in cells:
         layers = layers_of(run.settings["model"], run.settings.get("targets"))
         b = parse_budget(None if isinstance(run.budget, int) else run.budget, layers,
                          budget_rank=run.budget if isinstance(run.budget, int) else None,
                          total_params=_total(run))
-        spent = planned_params(run, cache)
-        rows.append((run.id, "done" if run.id in finished else "todo", f"{b.params:,}",
-                     "n/a" if spent is None else f"{spent:,}",
-                     "" if spent is None else f"{(spent - b.params) / b.params:+.2%}"))
-    head = ("run", "status", "budget", "lora params", "vs budget")
+        try:
+            spent = planned_params(run, cache)
+        except RankwiseError as e:
+            spent, note = None, f"cannot: {str(e)[:60]}"
+            unmet.append(f"{run.label} at {run.budget_label} on {run.task}: {e}")
+        else:
+            note = "" if spent is None else f"{(spent - b.params) / b.params:+.2%}"
+            if spent is not None and abs(spent - b.params) > tolerance * b.params:
+                unmet.append(f"{run.label} at {run.budget_label} on {run.task}: spends {spent:,} of {b.params:,}")
+                note += f" (outside {tolerance:.0%})"
+        status = "pending" if run.pending else "done" if is_finished(out / run.folder / run.id) else "todo"
+        counts[status] += 1
+        values = ",".join(f"{k}={v}" for k, v in run.candidate.items())
+        rows.append((run.id if not run.pending else f"{run.task}-{run.label}-{run.budget_label}-s{run.seed}",
+                     status, f"{b.params:,}", "n/a" if spent is None else f"{spent:,}", note or "-", run.phase,
+                     values or ("tuned-later" if run.pending else "-")))
+    head = ("run", "status", "budget", "lora params", "vs budget", "phase", "values")
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(head, widths))]
-    lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in rows]
-    lines.append(f"{len(exp.runs())} runs: {len(done)} finished, {len(todo)} to run "
-                 "(n/a: known only after calibration/training; recorded in results.json)")
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(head, widths)).rstrip()]
+    lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append(f"{len(cells)} runs: {counts['done']} finished, {counts['todo']} to run, {counts['pending']} "
+                 "waiting for their tuning (n/a: known only after calibration/training; recorded in results.json)")
+    if unmet:
+        lines.append(f"{len(set(unmet))} entries cannot spend their budget within {tolerance:.0%} (the report will "
+                     "not compare them): " + "; ".join(sorted(set(unmet))[:6]) + (" ..." if len(set(unmet)) > 6 else ""))
     return "\n".join(lines)
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from ..types import RankwiseError
 from ..training.pairs import PAIR_ENCODINGS
-from .spec import (_COMMON_RANK, _LABEL_RE, _NOT_IN_ALL, _TASK_ONLY, BUDGET_SETTINGS, ENTRY_KEYS, SETTINGS,
-                   MethodEntry, _expand, resolve_settings)
+from .schema import (_COMMON_RANK, _LABEL_RE, _NOT_IN_ALL, _TASK_ONLY, BUDGET_SETTINGS, ENTRY_KEYS, SETTINGS,
+                     MethodEntry, resolve_settings)
+from .schema import expand as _expand
 
 __all__ = ["check_budgets_feasible", "parse_budgets", "parse_by_budget", "parse_entries", "parse_seeds",
            "parse_tasks", "fail", "mapping", "check_keys", "overlay"]
@@ -55,6 +56,7 @@ def parse_entries(raw, where: str, default_budgets: list) -> list[MethodEntry]:
             fail(w, "give exactly one of strategy: NAME or method: NAME")
         options = dict(mapping(item.get("options"), f"{w}.options"))
         budgets = parse_budgets(item["budgets"], f"{w}.budgets") if "budgets" in item else None
+        targets = _entry_targets(item, budgets or default_budgets, w)
         if "strategy" in item:
             names = [s.name for s in list_allocators() if s.kind == "static" and s.name not in listed
                      and s.name not in _NOT_IN_ALL] \
@@ -75,7 +77,7 @@ def parse_entries(raw, where: str, default_budgets: list) -> list[MethodEntry]:
                         allowed = ", ".join([*spec.hparams, *_COMMON_RANK])
                         fail(f"{w}.options.{bad[0]}", f"strategy {name!r} has no such option; allowed: {allowed}")
                 label = item.get("label") if len(names) == 1 and item.get("label") else name
-                out.append(MethodEntry("strategy", name, opts, str(label), budgets))
+                out.append(MethodEntry("strategy", name, opts, str(label), budgets, targets))
         else:
             name = str(item["method"])
             try:
@@ -85,7 +87,7 @@ def parse_entries(raw, where: str, default_budgets: list) -> list[MethodEntry]:
             if name == "lora":
                 fail(f"{w}.method", "plain LoRA is `strategy: uniform` (or any strategy) in the grid")
             _check_method_options(method, options, budgets or default_budgets, f"{w}.options")
-            out.append(MethodEntry("method", name, options, str(item.get("label") or name), budgets))
+            out.append(MethodEntry("method", name, options, str(item.get("label") or name), budgets, targets))
     labels = [e.label for e in out]
     for e in out:
         if not _LABEL_RE.match(e.label):
@@ -93,6 +95,22 @@ def parse_entries(raw, where: str, default_budgets: list) -> list[MethodEntry]:
         if labels.count(e.label) > 1:
             fail(where, f"{e.label!r} appears twice; give one of them a label: NAME")
     return out
+
+
+def _entry_targets(item: dict, budgets: list, w: str) -> tuple | None:
+    """An entry's own targets (e.g. uniform on query value): only where every budget is a parameter count, so
+    that it spends what the other entries spend, not what its own rank R would cost on fewer layers."""
+    if "targets" not in item:
+        return None
+    raw = item["targets"]
+    names = [raw] if isinstance(raw, str) else raw
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        fail(f"{w}.targets", f"give target module names, e.g. [query, value], or all-linear; got {raw!r}")
+    ranks = [b for b in budgets if not isinstance(b, str) or b.strip().endswith("%")]
+    if ranks:
+        fail(f"{w}.targets", f"an entry with its own targets needs budgets in parameters (e.g. '41472'), not "
+                             f"{ranks[0]!r}: a budget rank or share would price other layers than the rest")
+    return tuple(names)
 
 
 def _is_method(name: str) -> bool:
@@ -215,11 +233,11 @@ def check_budgets_feasible(exp) -> None:
 
     for task, written in exp.tasks.items():
         s = resolve_settings(written, exp.path.parent)
-        try:
-            layers = layers_of(s["model"], s.get("targets"))
-        except RankwiseError as e:
-            fail(f"tasks.{task}.model", str(e))
         for e in exp.entries:
+            try:
+                layers = layers_of(s["model"], list(e.targets) if e.targets is not None else s.get("targets"))
+            except RankwiseError as err:
+                fail(f"tasks.{task}.model" if e.targets is None else f"grid.methods ({e.label}).targets", str(err))
             opts = {k: e.options.get(k) for k in _COMMON_RANK if k in e.options} if e.kind == "strategy" else {}
             for b in (e.budgets if e.budgets is not None else exp.budgets):
                 where = f"grid.budgets ({b!r} for {e.label} on {task})"
@@ -232,8 +250,17 @@ def check_budgets_feasible(exp) -> None:
                 except RankwiseError as err:
                     fail(where, str(err))
                 lo, hi = feasible_range(layers, bounds)
+                if _may_leave_layers_out(e, opts):  # below rank 1 on every layer some layers get rank 0
+                    lo = min(lo, min(lay.params_per_rank for lay in layers))
                 if not lo <= budget.params <= hi:
                     fail(where, f"{budget.params:,} parameters cannot be met on {len(layers)} target layers "
                                  f"(feasible {lo:,} .. {hi:,})")
 
 
+
+
+def _may_leave_layers_out(e: MethodEntry, opts: dict) -> bool:
+    """Allocators other than uniform (at the default min_rank) and AdaLoRA may give layers rank 0."""
+    if e.kind == "method":
+        return e.name == "adalora"
+    return e.name != "uniform" and opts.get("min_rank", 1) == 1

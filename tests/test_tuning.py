@@ -1,0 +1,131 @@
+"""The tune: section of an experiment: settings chosen on held-out training rows, never on validation.
+
+A tiny saved BERT and a learnable toy task: one learning rate that learns (planted) against one that cannot move
+the weights (1e-9). The choice must be the candidate with the best held-out score (checked against the scores read
+from each tuning run's own results.json), must not change when the validation labels are corrupted, and a sweep
+killed with SIGKILL resumes without redoing a finished tuning cell.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from rankwise.experiments.spec import load_experiment
+from rankwise.types import RankwiseError
+from test_sweep import _env, assets, attempts, events, sweep_cmd, write_exp  # noqa: F401 (assets: a fixture)
+from test_training_fixtures import sentences, write_csv
+
+TUNE = ("tune:\n  candidates: {lr: [1.0e-9, 1.0e-2]}\n  methods: {uniform: {}}\n  share: {depth: uniform}\n"
+        "  dev_samples: 8\n")
+
+
+def _exp(tmp_path, assets, data=None, extra=TUNE, methods="[uniform, depth]"):
+    exp = write_exp(tmp_path / "exp.yaml", assets, methods=methods, extra=extra)
+    text = exp.read_text().replace("max_steps: 2", "max_steps: 60")
+    if data is not None:
+        text = text.replace(str(assets / "data"), str(data))
+    exp.write_text(text.replace("toy: {data: ", "toy: {metric: eval_loss, data: "))
+    return exp
+
+
+def _manifest(out):
+    return json.loads((out / "sweep.json").read_text())
+
+
+def _scores(out, table):
+    """Mean held-out loss per candidate, read from the tuning runs' own results.json files (negated: higher is
+    better, as for the choice)."""
+    got = {}
+    for row in table:
+        losses = [json.loads((out / "tuning" / rid / "results.json").read_text())["eval"] for rid in row["runs"]]
+        assert all(e["split"] == "dev" and e["num_samples"] == 8 for e in losses)
+        got[row["values"]["lr"]] = -sum(e["eval_loss"] for e in losses) / len(losses)
+    return got
+
+
+def test_tuning_picks_the_best_held_out_value_and_never_reads_validation(tmp_path, assets):
+    from rankwise.experiments.sweep import sweep
+
+    out = tmp_path / "out"
+    summary = sweep(_exp(tmp_path, assets), out, progress=False)
+    assert summary["failed"] == [] and summary["ran"] == 2 + 2  # 2 tuning cells, uniform and depth in the grid
+    m = _manifest(out)
+    table = m["tuning"]["table"]
+    scores = _scores(out, table)
+    best = max(scores, key=lambda lr: (scores[lr], -list(scores).index(lr)))
+    assert best == 1.0e-2 and scores[1.0e-2] > scores[1.0e-9]  # the planted value learns, 1e-9 cannot
+    assert m["tuning"]["choices"] == [{"task": "toy", "label": "uniform", "budget": 2, "values": {"lr": best}}]
+    for run in m["runs"]:  # both grid cells train with the choice, on the data minus the held-out rows
+        args = run["args"]
+        assert args[args.index("--lr") + 1] == str(best) and args[args.index("--dev-samples") + 1] == "8"
+        assert "--eval-on" not in args
+        r = json.loads((out / "runs" / run["id"] / "results.json").read_text())
+        assert r["eval"]["split"] == "validation" and r["train_info"]["train_samples"] == 32 - 8
+
+    # the same sweep on data whose validation labels are all flipped: the same held-out scores, the same choice
+    data = tmp_path / "flipped"
+    rows = [[t, y] for t, y in sentences(40)]
+    write_csv(data / "train.csv", ["text", "label"], rows[:32])
+    write_csv(data / "validation.csv", ["text", "label"], [[t, 1 - y] for t, y in rows[32:]])
+    out2 = tmp_path / "out2"
+    sweep(_exp(tmp_path / "b", assets, data=data), out2, progress=False)
+    m2 = _manifest(out2)
+    assert _scores(out2, m2["tuning"]["table"]) == scores
+    assert m2["tuning"]["choices"][0]["values"] == {"lr": best}
+
+
+def test_killed_sweep_keeps_finished_tuning_cells(tmp_path, assets):
+    exp = _exp(tmp_path, assets, methods="[uniform]",
+               extra=TUNE.replace("[1.0e-9, 1.0e-2]", "[1.0e-9, 1.0e-2, 3.0e-3]").replace("  share: {depth: uniform}\n",
+                                                                                         ""))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(sweep_cmd(exp, out, "--jobs", "1"), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(a["event"] == "done" for a in attempts(out)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = [a["run"] for a in attempts(out) if a["event"] == "done"]
+    assert finished, "no tuning cell finished before the kill"
+    stamp = (out / "tuning" / finished[0] / "results.json").stat().st_mtime_ns
+    assert subprocess.run(sweep_cmd(exp, out, "--jobs", "2"), env=_env(), capture_output=True).returncode == 0
+    assert events(out, finished[0], "start") == 1  # never started again
+    assert (out / "tuning" / finished[0] / "results.json").stat().st_mtime_ns == stamp
+    m = _manifest(out)
+    assert len(m["tuning"]["runs"]) == 3 and len(m["tuning"]["choices"]) == 1 and len(m["runs"]) == 1
+    assert sorted(p.name for p in (out / "tuning").iterdir()) == sorted(r["id"] for r in m["tuning"]["runs"])
+
+
+@pytest.mark.parametrize("tune,message", [
+    ("tune:\n  candidates: {lr: []}\n  methods: {uniform: {}}\n", "tune.candidates.lr: give a non-empty list"),
+    ("tune:\n  candidates: {model: [a]}\n  methods: {uniform: {}}\n", "tune.candidates.model: not a tunable"),
+    ("tune:\n  candidates: {lr: [1.0e-3]}\n  methods: {uniform: {}}\n", "grid entry 'depth' is neither tuned"),
+    ("tune:\n  candidates: {lr: [1.0e-3]}\n  methods: {uniform: {}}\n  share: {depth: spectral}\n",
+     "'spectral' is not tuned"),
+    ("tune:\n  candidates: {lr: [-1]}\n  methods: {uniform: {}, depth: {}}\n", "candidates must be positive"),
+    ("tune:\n  candidates: {lr: [1.0e-3]}\n  methods: {uniform: {}, depth: {}}\n  dev_samples: 0\n",
+     "tune.dev_samples: must be an integer >= 1"),
+    ("tune:\n  candidates: {lr: [1.0e-3]}\n  methods: {nope: {}}\n", "tune.methods.nope: not a label"),
+    ("tune:\n  candidates: {lr: [1.0e-3]}\n  methods: {uniform: {}, depth: {}}\n  colour: red\n",
+     "tune.colour: unknown key"),
+])
+def test_bad_tune_entries_fail_with_one_line(tmp_path, assets, tune, message):
+    exp = _exp(tmp_path, assets, extra=tune)
+    with pytest.raises(RankwiseError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        load_experiment(exp)
+    assert "\n" not in str(info.value)
+
+
+def test_changing_a_candidate_list_renews_only_the_cells_it_touches(tmp_path, assets):
+    first = {r.id for r in load_experiment(_exp(tmp_path, assets)).tuning_runs()}
+    wider = TUNE.replace("methods: {uniform: {}}", "methods: {uniform: {}, depth: {lr: [1.0e-3]}}").replace(
+        "  share: {depth: uniform}\n", "")
+    second = {r.id: r for r in load_experiment(_exp(tmp_path / "b", assets, extra=wider)).tuning_runs()}
+    assert first <= set(second)  # uniform's cells keep their ids
+    assert {r.label for k, r in second.items() if k not in first} == {"depth"}
