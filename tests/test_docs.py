@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +47,9 @@ def runner(tmp_path_factory):
     import warm_exec
 
     root = tmp_path_factory.mktemp("warm")
-    sock = str(root / "s")  # AF_UNIX paths are limited to ~100 bytes: pytest's temp root stays under that
+    sock = str(root / "s")
+    if len(sock) > 100:  # AF_UNIX paths are limited to about 107 bytes
+        sock = os.path.join(tempfile.mkdtemp(prefix="rw-docs-", dir="/tmp"), "s")
     python = warm_exec.write_shims(str(root / "bin"), sock)["python"]
     env = _env([str(root / "bin")])
     server = subprocess.Popen([sys.executable, str(WARM), "serve", sock], env=_env([]), stdin=subprocess.DEVNULL,
