@@ -229,13 +229,15 @@ def _is_report_dir(p: Path) -> bool:
 _FOLDER_KINDS = {"sweep": _is_sweep_dir, "report": _is_report_dir}
 
 
-def check_folder_out(out: str | os.PathLike, kind: str, *, flag: str = "--out") -> Path:
+def check_folder_out(out: str | os.PathLike, kind: str, *, flag: str = "--out", inputs=()) -> Path:
     """Raise RankwiseError (one line) unless `out` may receive a `kind` ("sweep" or "report") folder's files.
 
     These commands add to a folder (a sweep resumes, a report rewrites its own files) instead of replacing it, so
     `--overwrite` has no say: allowed are a new path, an empty folder, or a folder of that kind (sweep.json of a
     sweep; cells.json of a report). Refused: the current directory or an ancestor (`.`, `..`), a file, a symbolic
-    link, and any other folder: it holds files rankwise did not write (a user's own report.md)."""
+    link, and any other folder: it holds files rankwise did not write (a user's own report.md). `inputs` (the
+    experiment file a sweep runs) may lie in the folder: a study keeps its experiment.yaml beside its results, and
+    the sweep writes none of its own files under that name."""
     out = Path(out)
     real, cwd = out.resolve(), Path.cwd().resolve()
     if _is_within(cwd, real):
@@ -248,7 +250,8 @@ def check_folder_out(out: str | os.PathLike, kind: str, *, flag: str = "--out") 
         return out
     if not out.is_dir():
         raise RankwiseError(f"{flag} {out} is an existing file; give a folder path")
-    if any(out.iterdir()) and not _FOLDER_KINDS[kind](out):
+    mine = {Path(p).resolve() for p in inputs}
+    if any(p.resolve() not in mine for p in out.iterdir()) and not _FOLDER_KINDS[kind](out):
         raise RankwiseError(f"refusing {flag} {out}: it holds files rankwise did not write (it is not a {kind} "
                             "folder); give a new or empty folder")
     return out

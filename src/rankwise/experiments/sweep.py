@@ -155,7 +155,7 @@ def sweep(experiment: str | os.PathLike, out: str | os.PathLike, *, jobs: int | 
     (their logs in OUT/logs) and retried by the next sweep."""
     from tqdm.auto import tqdm
 
-    check_folder_out(out, "sweep")  # never ., .., an ancestor, or a folder of the user's (rankwise.outputs)
+    check_folder_out(out, "sweep", inputs=[experiment])  # never ., .., an ancestor, or a folder of the user's (rankwise.outputs)
     exp = load_experiment(experiment)  # every check before anything is written
     check_train_flags([*exp.tuning_runs(), *exp.runs({})])
     the_launcher = make_launcher(launcher, jobs=jobs, address=address, resources=exp.resources)
