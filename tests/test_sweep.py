@@ -68,14 +68,19 @@ def _env():
 
 
 def _processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line or an open file names `text` (a warm run's command line is its fork
+    server's; its open log and run files still name the sweep folder)."""
     pids = []
     for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if text in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(p.name))
-            except OSError:
-                pass
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            names = [(p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")]
+            names += [os.readlink(f) for f in (p / "fd").iterdir()]
+        except OSError:
+            continue
+        if any(text in n for n in names):
+            pids.append(int(p.name))
     return pids
 
 
@@ -230,6 +235,12 @@ def test_bad_by_budget_fails_with_one_line(tmp_path, assets, capsys, by_budget, 
 
 # ----- running, killing, resuming ----------------------------------------------------------------------------
 
+def _slow(exp: Path) -> Path:
+    """Runs long enough (a few seconds even when warm) that the kill lands inside one, not between two."""
+    exp.write_text(exp.read_text().replace("max_steps: 2", "max_steps: 400"))
+    return exp
+
+
 def _start_and_kill(cmd: list[str], out: Path, sig: int) -> set[str]:
     """Start the sweep, wait until one run has finished and the next has started, then send `sig`.
     Returns the ids finished before the signal."""
@@ -267,11 +278,11 @@ def _check_resumed(out: Path, exp: Path, finished_before: set[str], stamps: dict
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_sweep_resumes_without_redoing(tmp_path, assets, sig):
-    exp = write_exp(tmp_path / "exp.yaml", assets, methods="[uniform, depth, module_type]")
+    exp = _slow(write_exp(tmp_path / "exp.yaml", assets, methods="[uniform, depth, module_type]"))
     out = tmp_path / "out"
     finished = _start_and_kill(sweep_cmd(exp, out, "--jobs", "1"), out, sig)
     time.sleep(2)
-    assert _processes_mentioning(str(out / "runs")) == []  # the in-flight training died with the sweep
+    assert _processes_mentioning(str(out)) == []  # the in-flight training died with the sweep
     stamps = {rid: (out / "runs" / rid / "results.json").stat().st_mtime_ns for rid in finished}
     killed = [a["run"] for a in attempts(out) if a["event"] == "start" and a["run"] not in finished]
     assert killed and not (out / "runs" / killed[0] / "results.json").exists()
@@ -305,12 +316,12 @@ def test_grid_edit_adds_and_drops_cells(tmp_path, assets, capsys):
 
 def test_ray_launcher_kill_and_resume(tmp_path, assets):
     require("ray", "Ray not installed: pip install 'rankwise[ray]'")
-    exp = write_exp(tmp_path / "exp.yaml", assets, methods="[uniform, depth, module_type]",
-                    extra="resources: {num_cpus: 1}\n")
+    exp = _slow(write_exp(tmp_path / "exp.yaml", assets, methods="[uniform, depth, module_type]",
+                          extra="resources: {num_cpus: 1}\n"))
     out = tmp_path / "out"
     ray_args = ("--launcher", "ray", "--jobs", "1")
     finished = _start_and_kill(sweep_cmd(exp, out, *ray_args), out, signal.SIGKILL)
     time.sleep(5)
-    assert _processes_mentioning(str(out / "runs")) == []
+    assert _processes_mentioning(str(out)) == []
     stamps = {rid: (out / "runs" / rid / "results.json").stat().st_mtime_ns for rid in finished}
     _check_resumed(out, exp, finished, stamps, launcher=ray_args)

@@ -18,6 +18,10 @@ def cmd_sweep(args) -> int:
     from .spec import load_experiment
     from .sweep import format_dry_run, sweep
 
+    if args.cold:  # each run its own `python -m rankwise train` process (rankwise.warm explains the default)
+        import os
+
+        os.environ["RANKWISE_COLD_RUNS"] = "1"
     if args.dry_run:
         exp = load_experiment(args.experiment)
         print(format_dry_run(exp, Path(args.out)))
@@ -65,6 +69,9 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="list every run and the LoRA parameters it will spend")
     p.add_argument("--launcher", choices=("local", "ray"), default="local")
     p.add_argument("--address", help="ray: cluster address (host:port or auto); default starts a local instance")
+    p.add_argument("--cold", action="store_true",
+                   help="start every run as its own process (default: forked from a warm worker that imported "
+                        "torch, transformers and peft once; same results, seconds less per run)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
 

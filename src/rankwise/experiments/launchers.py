@@ -24,7 +24,7 @@ __all__ = ["Job", "LocalLauncher", "RayLauncher", "execute_run", "make_launcher"
 
 # Environment a run needs on whichever node runs it (never the whole driver environment: PATH differs per node).
 _FORWARD = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-            "RANKWISE_CACHE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")
+            "RANKWISE_CACHE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "RANKWISE_COLD_RUNS")
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,57 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def execute_run(args, out: str, log: str, env: dict, registry: "dict | None" = None, key: str = "") -> int:
-    """Run one training to completion; returns its exit code. Runs in the sweep (local) or on a Ray worker."""
+class _Child:
+    """A warm run's process with the part of Popen's interface the launchers use."""
+
+    def __init__(self, process):
+        self.p = process
+
+    def poll(self):
+        return self.p.exitcode
+
+    def wait(self, timeout=None):
+        self.p.join(timeout)
+        if self.p.exitcode is None:
+            raise subprocess.TimeoutExpired("rankwise train", timeout)
+        return self.p.exitcode
+
+    def terminate(self):
+        self.p.terminate()
+
+    def kill(self):
+        self.p.kill()
+
+
+def warm_runs() -> bool:
+    """Runs start from a warm fork server unless RANKWISE_COLD_RUNS=1 (rankwise.warm)."""
+    return os.environ.get("RANKWISE_COLD_RUNS", "") in ("", "0")
+
+
+def execute_run(args, out: str, log: str, env: dict, registry: "dict | None" = None, key: str = "",
+                warm: bool | None = None) -> int:
+    """Run one training to completion; returns its exit code. Runs in the sweep (local) or on a Ray worker:
+    forked from a warm fork server (imports paid once per sweep or Ray worker), or as a cold subprocess."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "rankwise", "train", *map(str, args), "--out", str(out), "-q"]
+    argv = ["train", *map(str, args), "--out", str(out), "-q"]
+    cmd = [sys.executable, "-m", "rankwise", *argv]
+    warm = warm_runs() if warm is None else warm
     with open(log, "w") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.write(("$ (warm) " if warm else "$ ") + " ".join(cmd) + "\n")
         fh.flush()
+        if warm:
+            from ..warm import start, warm_context
+
+            proc = warm_context(env).Process(target=start, args=(argv, log, env), daemon=False)
+            proc.start()
+            child = _Child(proc)
+            if registry is not None:
+                registry[key] = child
+            try:
+                return child.wait()
+            finally:
+                if registry is not None:
+                    registry.pop(key, None)
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **env}, preexec_fn=_die_with_parent)
         if registry is not None:
@@ -92,6 +136,10 @@ class LocalLauncher:
         """Yield (job, exit code) as runs finish. On interruption every running child is stopped."""
         env = forwarded_env(max(1, (os.cpu_count() or 1) // self.jobs))
         self._stop.clear()  # a sweep calls run() once per phase (tuning, then the grid)
+        if warm_runs():  # the fork server starts here, in the sweep's main thread (rankwise.warm)
+            from ..warm import warm_context
+
+            warm_context(env)
         pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="rankwise-run")
         futures = {pool.submit(self._one, j, env, on_start): j for j in jobs}
         try:
