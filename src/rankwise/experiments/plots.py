@@ -77,9 +77,10 @@ def _save(fig, stem) -> list[str]:
 
 
 def plot_metric_vs_params(series: dict, stem: str | os.PathLike, *, metric: str, title: str) -> list[str]:
-    """One line per method: x = LoRA parameters trained, y = metric mean with std error bars.
+    """One line per method: x = LoRA parameters trained, y = metric mean with error bars.
 
-    `series`: {method: [(params, mean, std), ...]} (std may be nan for one seed)."""
+    `series`: {method: [(params, mean, error), ...]}: the error is the std (the report's per-run view) or the 95%
+    interval half-width (the budget curves); nan for one seed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in series.items():
@@ -92,6 +93,24 @@ def plot_metric_vs_params(series: dict, stem: str | os.PathLike, *, metric: str,
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, stem)
+
+
+def plot_tuning_curves(curves: dict, stem: str | os.PathLike, *, title: str, ylabel: str) -> list[str]:
+    """Held-out score against learning rate (log axis), one line per tuned method (`curves`: {method: (lrs,
+    scores)})."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (lrs, scores) in curves.items():
+        pts = sorted(zip(lrs, scores))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                linewidth=2.5 if label == "uniform" else 1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, stem)
 

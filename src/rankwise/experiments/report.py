@@ -20,9 +20,13 @@ from ..outputs import check_folder_out
 from ..types import RankwiseError
 from .results import LOWER_IS_BETTER, RunResult, collect, headline_metric, read_manifest, write_json_atomic
 
-__all__ = ["Cell", "summarize", "paired_t", "holm", "build_cells", "make_report", "REFERENCE", "LOWER_IS_BETTER"]
+__all__ = ["Cell", "summarize", "paired_t", "holm", "build_cells", "make_report", "reference_of", "REFERENCE",
+           "REFERENCES", "LOWER_IS_BETTER"]
 
 REFERENCE = "uniform"
+# Where uniform LoRA on every target cannot run (a budget below rank 1 on every layer), the comparison is with
+# uniform LoRA on query/value (the common default), when the grid has it.
+REFERENCES = (REFERENCE, "uniform_qv")
 
 
 def summarize(values) -> tuple[float, float, int]:
@@ -133,8 +137,18 @@ def build_cells(runs: list[RunResult], metrics: dict | None = None, tolerance: f
     return cells
 
 
+def reference_of(group: list) -> "Cell | None":
+    """The cell every other cell of a task and budget is compared with: uniform, else uniform_qv."""
+    for name in REFERENCES:
+        for c in group:
+            if c.label == name:
+                return c
+    return None
+
+
 def _compare(group: list[Cell], tolerance: float) -> None:
-    ref = next((c for c in group if c.label == REFERENCE), None)
+    ref = reference_of(group)
+    name = ref.label if ref is not None else REFERENCE
     for c in group:
         if ref is None:
             c.refused = f"no {REFERENCE} runs at this budget"
@@ -143,15 +157,17 @@ def _compare(group: list[Cell], tolerance: float) -> None:
         by_seed = {r.seed: r for r in ref.runs}
         pairs = [(r, by_seed[r.seed]) for r in c.runs if r.seed in by_seed]
         if not pairs:
-            c.refused = f"no seed in common with {REFERENCE}"
+            c.refused = f"no seed in common with {name}"
             continue
         worst = max(pairs, key=lambda p: abs(p[0].lora_params - p[1].lora_params) / p[1].lora_params)
         rel = (worst[0].lora_params - worst[1].lora_params) / worst[1].lora_params
         if abs(rel) > tolerance:
             c.refused = (f"spends {worst[0].lora_params:,} LoRA parameters vs {worst[1].lora_params:,} for "
-                         f"{REFERENCE} (seed {worst[0].seed}, {rel:+.1%}; tolerance {tolerance:.0%})")
+                         f"{name} (seed {worst[0].seed}, {rel:+.1%}; tolerance {tolerance:.0%})")
             continue
         c.cmp = paired_t([float(a.eval[c.metric]) for a, _ in pairs], [float(b.eval[c.metric]) for _, b in pairs])
+        if name != REFERENCE:
+            c.cmp["reference"] = ref.label
     sign = -1 if group and group[0].metric in LOWER_IS_BETTER else 1
     compared = [c for c in group if c.cmp is not None and not math.isnan(c.mean)]
     if compared:
@@ -172,11 +188,12 @@ def _pm(c: Cell) -> str:
 
 
 def _delta(c: Cell) -> tuple[str, str, str]:
-    if c.label == REFERENCE:
+    if c.cmp is None and c.label in REFERENCES and not c.refused:
         return "(reference)", "", ""
     if c.cmp is None:
         return "not compared", "", ""
-    return (f"{c.cmp['diff']:+.4f} [{_f(c.cmp['lo'])}, {_f(c.cmp['hi'])}]", _f(c.cmp["p"], 3),
+    vs = f" vs {c.cmp['reference']}" if c.cmp.get("reference") else ""
+    return (f"{c.cmp['diff']:+.4f} [{_f(c.cmp['lo'])}, {_f(c.cmp['hi'])}]{vs}", _f(c.cmp["p"], 3),
             _f(c.cmp.get("p_holm", math.nan), 3))
 
 
@@ -301,6 +318,10 @@ def make_report(sweep_dir: str | os.PathLike, out: str | os.PathLike, *, toleran
     (out / "tables.tex").write_text(latex_tables(cells))
     written.append(str(out / "tables.tex"))
     refused = [c for c in cells if c.refused and c.label != REFERENCE]
+    from .curves import v2_sections
+
+    extra_md, extra_files = v2_sections(cells, manifest, out, figures)
+    written += extra_files
     exp = (manifest or {}).get("experiment") or {}
     md = [f"# Report: {exp.get('name') or root.name}", "",
           f"{len(runs)} finished runs from `{root}`; {len(cells)} cells (task x budget x method). "
@@ -310,6 +331,7 @@ def make_report(sweep_dir: str | os.PathLike, out: str | os.PathLike, *, toleran
           "compared): with many comparisons, some unadjusted p fall below 0.05 by chance. Bold: the best "
           "cell of a task and budget, only where its interval excludes zero.", "",
           "## Tables", "", markdown_tables(cells)]
+    md += extra_md
     if refused:
         md += ["## Not compared (budget differs from uniform by more than the tolerance, or no pair)", ""]
         md += [f"- {c.id} {c.task} / {c.budget} / {c.label}: {c.refused}" for c in refused] + [""]
