@@ -325,3 +325,27 @@ def test_ray_launcher_kill_and_resume(tmp_path, assets):
     assert _processes_mentioning(str(out)) == []
     stamps = {rid: (out / "runs" / rid / "results.json").stat().st_mtime_ns for rid in finished}
     _check_resumed(out, exp, finished, stamps, launcher=ray_args)
+
+
+def test_sigkilled_two_job_sweep_and_a_failed_cell_resume(tmp_path, assets):
+    """What the study does: --jobs 2, killed with SIGKILL; and a cell that failed is retried by the next sweep."""
+    data = tmp_path / "data"
+    rows = [[t, y] for t, y in sentences(40)]
+    write_csv(data / "train.csv", ["text", "label"], rows[:32])
+    write_csv(data / "validation.csv", ["words", "label"], rows[32:])  # no text column: every cell fails
+    exp = _slow(write_exp(tmp_path / "exp.yaml", assets, methods="[uniform, depth, module_type, weight_norm]"))
+    exp.write_text(exp.read_text().replace(str(assets / "data"), str(data)))
+    out = tmp_path / "out"
+    first = subprocess.run(sweep_cmd(exp, out, "--jobs", "2"), env=_env(), capture_output=True, text=True)
+    assert first.returncode == 1 and "4 failed" in first.stderr
+    assert list((out / "runs").iterdir()) == []  # failed cells leave nothing behind
+    failed = {a["run"] for a in attempts(out) if a["event"] == "failed"}
+    (out / "attempts.jsonl").rename(out / "attempts-first.jsonl")  # the checks below count the retry alone
+    write_csv(data / "validation.csv", ["text", "label"], rows[32:])  # fixed: the same cells (ids) now train
+    finished = _start_and_kill(sweep_cmd(exp, out, "--jobs", "2"), out, signal.SIGKILL)
+    time.sleep(2)
+    assert _processes_mentioning(str(out)) == []
+    stamps = {rid: (out / "runs" / rid / "results.json").stat().st_mtime_ns for rid in finished}
+    _check_resumed(out, exp, finished, stamps)
+    ids = [r["id"] for r in json.loads((out / "sweep.json").read_text())["runs"]]
+    assert failed == set(ids)  # every cell failed once, then was retried and finished
