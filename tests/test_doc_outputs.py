@@ -83,3 +83,147 @@ def test_plan_examples_spend_what_the_docs_say(minilm, tmp_path, capsys):
     assert uni["spent"] == 12 * 8 * (384 + 384) == 73728
     config = json.loads((tmp_path / "uniform" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"  # an ordinary peft config, as the README says
+
+
+# ----- shared helpers for the commands below: in-process, output captured, failures shown --------------------
+
+ATTN = 384 + 384  # one rank of a 384 x 384 projection
+FFN = 384 + 1536  # one rank of a feed-forward layer
+RANK1_ALL_LINEAR = 6 * (4 * ATTN + 2 * FFN)  # 41,472: rank 1 on MiniLM's 36 linear layers
+HEAD = (384 * 384 + 384) + (384 * 2 + 2)  # BERT's pooler (trained, see docs/train.md) + a 2-class classifier
+
+
+def _cli(*argv) -> tuple[str, str]:
+    """`rankwise ARGV` in this process; (stdout, stderr); exit code 0 required."""
+    import contextlib
+    import io
+
+    from rankwise.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    assert code == 0, f"rankwise {' '.join(map(str, argv))} exited {code}:\n{err.getvalue()[-3000:]}"
+    return out.getvalue(), err.getvalue()
+
+
+def _tiny_csv(path, rows: str) -> None:
+    """The docs' tiny CSV: the header, then the rows ten times."""
+    path.write_text(rows.split("\n", 1)[0] + "\n" + rows.split("\n", 1)[1] * 10)
+
+
+def _lora_numel(named) -> int:
+    return sum(int(np.prod(t.shape)) for n, t in named if "lora_" in n)
+
+
+def _plain_peft(run_dir, num_labels: int):
+    """The run's adapter on its base, loaded with plain transformers + peft (no rankwise), as docs/train.md does."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = json.loads((run_dir / "task.json").read_text())["base_model_path"]
+    model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels), str(run_dir)).eval()
+    return model, AutoTokenizer.from_pretrained(base)
+
+
+def _logits(model, tok, texts) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():  # one text at a time: no padding to differ from rankwise's batching
+        return np.concatenate([model(**tok([t], return_tensors="pt")).logits.double().numpy() for t in texts])
+
+
+# ----- README.md block 2 and docs/plan.md block 2: the Python API --------------------------------------------
+
+
+def test_readme_api_plan_applied_model_holds_the_planned_lora(minilm):
+    """README block 2: make_plan(spectral, 300k) + apply: the applied model's LoRA tensors number sum r (in + out)
+    over the planned ranks (shapes from the safetensors file), and that is <= 300,000, within one rank step."""
+    import rankwise
+    from transformers import AutoModel
+
+    stats = rankwise.analyze("minilm", progress=False)
+    plan = rankwise.make_plan("minilm", "spectral", "300k", stats=stats)
+    weights = _weights(minilm)
+    by_hand = sum(r * sum(weights[name].shape) for name, r in plan.ranks.items())
+    model = rankwise.apply(AutoModel.from_pretrained(str(minilm)), plan)
+    assert _lora_numel(model.named_parameters()) == by_hand == plan.spent
+    assert 300000 - ATTN < plan.spent <= 300000 and plan.budget.params == 300000
+    assert len(set(plan.ranks.values())) > 1 and len(plan.adapted) == sum(1 for r in plan.ranks.values() if r)
+
+
+def test_plan_api_depth_decay_through_plain_peft(minilm):
+    """docs/plan.md block 2: depth 200k, direction=decay: plain peft builds from `to_lora_config` exactly the
+    hand-counted LoRA parameters, within one rank step under 200k, and early blocks get more rank than late ones."""
+    import rankwise
+    from peft import get_peft_model
+    from transformers import AutoModel
+
+    plan = rankwise.make_plan("minilm", "depth", "200k", direction="decay", progress=False)
+    config = plan.to_lora_config(lora_dropout=0.05)
+    weights = _weights(minilm)
+    by_hand = sum(r * sum(weights[name].shape) for name, r in plan.ranks.items())
+    model = get_peft_model(AutoModel.from_pretrained(str(minilm)), config)
+    assert _lora_numel(model.named_parameters()) == by_hand == plan.spent
+    assert 200000 - ATTN < plan.spent <= 200000 and config.lora_dropout == 0.05
+
+    def block(i):
+        return sum(r for n, r in plan.ranks.items() if n.startswith(f"encoder.layer.{i}."))
+
+    assert block(0) > block(5) and all(block(i) >= block(i + 1) for i in range(5))
+
+
+# ----- docs/train.md blocks 2-5 ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_page(tmp_path_factory):
+    """docs/train.md's tiny CSV and its three runs: --preset efficient, spectral --budget-rank 4, train(rank=2)."""
+    from conftest import minilm_or_skip
+
+    minilm_or_skip()
+    d = tmp_path_factory.mktemp("train_page")
+    _tiny_csv(d / "tiny.csv", "text,label\na good film,1\nan awful film,0\n")
+    common = ["--max-steps", "2", "--max-length", "32", "-q"]
+    _cli("train", "minilm", "--data", d / "tiny.csv", "--preset", "efficient", "--out", d / "tiny", *common)
+    _cli("train", "minilm", "--data", d / "tiny.csv", "--strategy", "spectral", "--budget-rank", "4",
+         "--out", d / "spectral", *common)
+    from rankwise.training import train
+
+    api = train("minilm", str(d / "tiny.csv"), rank=2, targets=["query", "value"], max_steps=1, max_length=32,
+                out=str(d / "api"), progress=False)
+    return d, api
+
+
+def test_train_preset_efficient_loads_in_plain_peft_with_its_lora(train_page):
+    """docs/train.md blocks 2-3: the efficient preset is uniform r=4 on query/value: plain peft loads 12 x 4 x 768
+    LoRA parameters, and results.json's counts are those plus the trained head."""
+    d, _ = train_page
+    model, _ = _plain_peft(d / "tiny", 2)
+    assert _lora_numel(model.named_parameters()) == 12 * 4 * ATTN == 36864
+    r = json.loads((d / "tiny" / "results.json").read_text())
+    assert r["train_info"]["lora_params"] == 36864 and r["train_info"]["trainable_params"] == 36864 + HEAD
+    assert r["train_info"]["steps"] == 2 and 0 <= r["eval"]["eval_accuracy"] <= 1
+
+
+def test_train_spectral_budget_rank_4_spends_what_uniform_r4_costs(train_page):
+    """docs/train.md block 4: --budget-rank 4 on all linear layers is 4 x 41,472 = 165,888; the saved adapter's
+    LoRA tensors (read with safetensors) hold the plan's ranks, within one rank step of it."""
+    from safetensors.numpy import load_file
+
+    d, _ = train_page
+    plan = json.loads((d / "spectral" / "plan.json").read_text())
+    saved = _lora_numel(load_file(str(d / "spectral" / "adapter_model.safetensors")).items())
+    by_hand = sum(r["rank"] * (r["shape"][0] + r["shape"][1]) for r in plan["layers"])
+    assert plan["strategy"] == "spectral" and plan["budget"]["params"] == 4 * RANK1_ALL_LINEAR == 165888
+    assert saved == by_hand == plan["spent"] and 165888 - ATTN < saved <= 165888
+    assert len({r["rank"] for r in plan["layers"]}) > 1
+
+
+def test_train_python_api_counts_by_hand(train_page):
+    """docs/train.md block 5: rank 2 on query/value: 12 x 2 x 768 LoRA parameters, trainable = that + the head."""
+    d, api = train_page
+    assert api["train_info"]["lora_params"] == 12 * 2 * ATTN == 18432
+    assert api["train_info"]["trainable_params"] == 18432 + HEAD
+    assert api["train_info"]["steps"] == 1 and json.loads((d / "api" / "results.json").read_text()) == api
