@@ -227,3 +227,134 @@ def test_train_python_api_counts_by_hand(train_page):
     assert api["train_info"]["lora_params"] == 12 * 2 * ATTN == 18432
     assert api["train_info"]["trainable_params"] == 18432 + HEAD
     assert api["train_info"]["steps"] == 1 and json.loads((d / "api" / "results.json").read_text()) == api
+
+
+# ----- docs/sweep.md blocks 0-2 ----------------------------------------------------------------------------------
+
+SWEEP_YAML = """base: {model: minilm, targets: [query, value], max_steps: 2, max_length: 32, batch_size: 8}
+tasks:
+  tiny: {data: tiny.csv}
+grid:
+  methods: [uniform, depth]
+  budgets: [2]
+  seeds: [0]
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep_page(tmp_path_factory):
+    """docs/sweep.md's example: the dry run, the sweep, the same sweep again; (folder, dry-run stdout, the
+    dry run left a folder?, the re-run's stderr)."""
+    from conftest import minilm_or_skip
+
+    minilm_or_skip()
+    d = tmp_path_factory.mktemp("sweep_page")
+    _tiny_csv(d / "tiny.csv", "text,label\na good film,1\nan awful film,0\n")
+    (d / "exp.yaml").write_text(SWEEP_YAML)
+    out = d / "sweeps" / "tiny"
+    dry, _ = _cli("sweep", d / "exp.yaml", "--out", out, "--dry-run")
+    dry_left = out.exists()
+    _cli("sweep", d / "exp.yaml", "--out", out, "-q")
+    _, again = _cli("sweep", d / "exp.yaml", "--out", out, "-q")
+    return out, dry, dry_left, again
+
+
+def test_sweep_dry_run_lists_the_cells_and_creates_nothing(sweep_page):
+    """docs/sweep.md block 0: two cells, both to run, each priced at uniform r=2 on 12 query/value layers
+    (2 x 12 x 768 = 18,432, all 384 x 384, so every allocator spends it exactly); no folder is made."""
+    out, dry, dry_left, _ = sweep_page
+    rows = [line.split() for line in dry.splitlines() if line.startswith("tiny-")]
+    assert [r[0].rsplit("-", 1)[0] for r in rows] == ["tiny-uniform-r2-s0", "tiny-depth-r2-s0"]
+    assert all(r[1:5] == ["todo", "18,432", "18,432", "+0.00%"] for r in rows), rows
+    assert "2 runs: 0 finished, 2 to run" in dry and not dry_left
+
+
+def test_sweep_runs_spend_the_budget_and_resume_does_nothing(sweep_page):
+    """docs/sweep.md blocks 1-2: the ids the dry run listed are the run folders; each saved adapter holds 18,432
+    LoRA parameters (safetensors, by hand), uniform at r=2 everywhere, depth (grow) more rank in later blocks;
+    the second sweep runs nothing and starts no run again."""
+    from safetensors.numpy import load_file
+
+    out, dry, _, again = sweep_page
+    ids = [line.split()[0] for line in dry.splitlines() if line.startswith("tiny-")]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(ids)
+    assert [r["id"] for r in json.loads((out / "sweep.json").read_text())["runs"]] == ids
+    for rid in ids:
+        assert _lora_numel(load_file(str(out / "runs" / rid / "adapter_model.safetensors")).items()) == 18432
+    ranks = {rid.split("-")[1]: {r["name"]: r["rank"] for r in json.loads(
+        (out / "runs" / rid / "plan.json").read_text())["layers"]} for rid in ids}
+    assert set(ranks["uniform"].values()) == {2} and len(ranks["uniform"]) == 12
+    depth = ranks["depth"]
+    assert sum(r for n, r in depth.items() if ".5." in n) > sum(r for n, r in depth.items() if ".0." in n)
+    assert "2 already finished, 0 ran" in again
+    events = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
+    assert sorted(e["run"] for e in events if e["event"] == "start") == sorted(ids)
+
+
+# ----- docs/eval.md, predict.md, merge.md: against plain transformers + peft on the same adapter ------------------
+
+
+def _train_tiny(d, rows: str) -> None:
+    _tiny_csv(d / "tiny.csv", rows)
+    _cli("train", "minilm", "--data", d / "tiny.csv", "--rank", "2", "--max-steps", "2", "--max-length", "32",
+         "--out", d / "tiny", "-q")
+
+
+def _mcc(y, p) -> float:
+    """Matthews correlation of two binary label lists, by its formula (0 when a margin is empty)."""
+    tp = sum(a == 1 and b == 1 for a, b in zip(y, p))
+    tn = sum(a == 0 and b == 0 for a, b in zip(y, p))
+    fp = sum(a == 0 and b == 1 for a, b in zip(y, p))
+    fn = sum(a == 1 and b == 0 for a, b in zip(y, p))
+    den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / den if den else 0.0
+
+
+def test_eval_metrics_equal_plain_peft_predictions(minilm, tmp_path):
+    """docs/eval.md blocks 0-1: `rankwise eval` and `evaluate_run` on held_out.csv give the accuracy and MCC of the
+    adapter's own predictions, computed with plain peft and the formulas."""
+    from rankwise.training import evaluate_run
+
+    _train_tiny(tmp_path, "text,label\na good film,1\nan awful film,0\n")
+    texts, labels = ["a good film", "an awful film", "awful"], [1, 0, 0]
+    (tmp_path / "held_out.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
+    _cli("eval", tmp_path / "tiny", "--data", tmp_path / "held_out.csv", "-q", "--out", tmp_path / "metrics.json")
+    model, tok = _plain_peft(tmp_path / "tiny", 2)
+    pred = _logits(model, tok, texts).argmax(-1).tolist()
+    accuracy = sum(p == y for p, y in zip(pred, labels)) / 3
+    for m in (json.loads((tmp_path / "metrics.json").read_text()),
+              evaluate_run(tmp_path / "tiny", tmp_path / "held_out.csv", progress=False)):
+        assert m["num_samples"] == 3
+        assert m["eval_accuracy"] == pytest.approx(accuracy) and m["eval_mcc"] == pytest.approx(_mcc(labels, pred))
+
+
+def test_predict_labels_and_scores_equal_plain_peft(minilm, tmp_path):
+    """docs/predict.md block 0: each printed label is the argmax class named by the sorted label names
+    (negative, positive), its score that class's softmax probability, from plain peft's logits."""
+    _train_tiny(tmp_path, "text,sentiment\na good film,positive\nan awful film,negative\n")
+    texts = ["what a good film", "awful"]
+    out, _ = _cli("predict", tmp_path / "tiny", "--text", texts[0], "--text", texts[1], "--device", "cpu")
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    model, tok = _plain_peft(tmp_path / "tiny", 2)
+    logits = _logits(model, tok, texts)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    assert [r["text"] for r in rows] == texts
+    assert [r["label"] for r in rows] == [["negative", "positive"][i] for i in probs.argmax(-1)]
+    assert [r["score"] for r in rows] == pytest.approx(probs.max(-1).tolist(), abs=1e-5)
+
+
+def test_merged_model_logits_equal_the_adapters(minilm, tmp_path):
+    """docs/merge.md blocks 0-1: the merged folder, loaded with plain transformers, gives the logits of the base +
+    adapter loaded with plain peft, and names the three classes in sorted order."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _train_tiny(tmp_path, "text,sentiment\na good film,positive\nan awful film,negative\nit was a film,neutral\n")
+    _cli("merge", tmp_path / "tiny", "--out", tmp_path / "merged", "-q")
+    texts = ["a good film", "an awful film", "it was a film", "something else entirely"]
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    assert merged.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    model, tok = _plain_peft(tmp_path / "tiny", 3)
+    want = _logits(model, tok, texts)
+    got = _logits(merged, AutoTokenizer.from_pretrained(str(tmp_path / "merged")), texts)
+    assert np.abs(want - got).max() < 1e-5 and np.abs(want).max() > 1e-3
