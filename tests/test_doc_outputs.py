@@ -1,6 +1,7 @@
-"""What the doc examples print or write, checked against hand computation (tests/test_docs.py only checks that they
-run). The same commands as the docs, in-process through `rankwise.cli.main`, on the embedded MiniLM; the reference
-numbers come from its safetensors file read with numpy, never from rankwise."""
+"""What the doc examples print or write, checked against independent references (tests/test_docs.py only checks
+that they run). The same commands as the docs, in-process through `rankwise.cli.main` (or the documented Python
+API), on the embedded MiniLM; the references are hand counts from its safetensors file read with numpy, and the
+same adapter loaded with plain transformers + peft, never rankwise's own output."""
 
 from __future__ import annotations
 
