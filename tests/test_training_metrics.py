@@ -26,6 +26,31 @@ def test_binary_metrics():
         assert classification_metrics(logits[:1], np.array([0]))["mcc"] == 0.0  # one class: no warning
 
 
+def test_classification_metrics_match_sklearn():
+    """The numpy formulas against scikit-learn itself, on random and degenerate label/prediction sets: one class
+    only, class 1 never seen, classes missing from predictions or labels, constant predictions."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, k, n), rng.integers(0, k, n)) for k in (2, 3, 5) for n in (1, 7, 50, 333)]
+    cases += [(np.zeros(6, int), np.zeros(6, int)), (np.zeros(6, int), np.ones(6, int)),
+              (np.array([0, 0, 2, 2]), np.array([0, 2, 2, 2])), (np.array([0, 1, 1, 3]), np.array([0, 0, 0, 0])),
+              (np.array([4, 4, 1]), np.array([0, 2, 3]))]
+    for labels, preds in cases:
+        k = 2 if max(labels.max(), preds.max()) < 2 else 5
+        m = classification_metrics(np.eye(k)[preds], labels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert m["accuracy"] == accuracy_score(labels, preds)
+            if k == 2:
+                assert m["f1"] == pytest.approx(f1_score(labels, preds, zero_division=0), abs=1e-12)
+                assert m["mcc"] == pytest.approx(matthews_corrcoef(labels, preds), abs=1e-12)
+            else:
+                ref = f1_score(labels, preds, average="macro", zero_division=0)
+                assert m["macro_f1"] == pytest.approx(ref, abs=1e-12)
+            assert m["predicted_classes"] == len(set(preds)) and m["label_classes"] == len(set(labels))
+
+
 def test_multiclass_metrics():
     logits = np.eye(3)[[0, 1, 2, 2]]
     m = classification_metrics(logits, np.array([0, 1, 2, 0]))

@@ -553,3 +553,21 @@ def test_first_non_finite_names_the_first_bad_tensor():
             named[4][1][0, 0] = float("nan")  # a later bad tensor: the first one is named
             assert first_non_finite(named) == reference(named) == f"t{pos}"
     assert first_non_finite([]) is None
+
+
+def test_first_non_finite_norm_overflow_and_dtypes():
+    """Finite tensors whose norm overflows are still finite (the exact pass clears them); NaN/Inf is found in
+    float16 and bfloat16 tensors beside float32 ones; the answer matches a per-tensor reference loop."""
+    from rankwise.training.guards import first_non_finite
+
+    def reference(named):
+        return next((n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+    huge = [("big32", torch.full((4,), 3e38)), ("big16", torch.full((8,), 60000.0, dtype=torch.float16)),
+            ("bf", torch.ones(3, dtype=torch.bfloat16))]
+    assert torch.linalg.vector_norm(huge[0][1]).isinf()  # the float32 norm overflows, yet every value is finite
+    assert first_non_finite(huge) is None and reference(huge) is None
+    for pos in range(3):
+        named = [(n, t.clone()) for n, t in huge]
+        named[pos][1][1] = float("nan") if pos != 1 else float("-inf")
+        assert first_non_finite(named) == reference(named) == named[pos][0]

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from ..types import RankwiseError
-from .data import INSTRUCTION_COLUMNS, LABEL_COLUMNS, ROW_COLUMN, TEXT_COLUMN_SETS, detect_columns
+from .data import INSTRUCTION_COLUMNS, LABEL_COLUMNS, ROW_COLUMN, TEXT_COLUMN_SETS, column_values, detect_columns
 
 __all__ = ["ROW_COLUMN", "ColumnProfile", "profile_columns", "decide_columns", "find_empty", "drop_or_refuse_empty",
            "describe_decision"]
@@ -192,10 +192,10 @@ def _is_empty(v) -> bool:
 
 def find_empty(ds, columns: list[str]) -> list[int]:
     """Row numbers (1-based, in the source file when it was split) whose value in any `columns` is empty."""
-    rows = ds[ROW_COLUMN] if ROW_COLUMN in ds.column_names else None
+    rows = column_values(ds, ROW_COLUMN) if ROW_COLUMN in ds.column_names else None
     bad = []
     for c in columns:
-        for i, v in enumerate(ds[c]):
+        for i, v in enumerate(column_values(ds, c)):
             if _is_empty(v):
                 bad.append(rows[i] if rows is not None else i + 1)
     return sorted(set(bad))

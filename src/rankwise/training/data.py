@@ -27,6 +27,7 @@ __all__ = [
     "label_key",
     "apply_label_names",
     "subsample",
+    "column_values",
 ]
 
 # Loader name and extra keyword arguments for `datasets.load_dataset`, by file extension.
@@ -57,6 +58,14 @@ INSTRUCTION_COLUMNS = ("instruction", "output")  # Alpaca format; `input` is opt
 # 1-based row number in the source file, kept through a shuffled split (here, not in columns.py, which imports
 # this module: the split adds it, the column decision reads it)
 ROW_COLUMN = "__rankwise_row__"
+
+
+def column_values(ds, column: str) -> list:
+    """A column as a Python list, through Arrow: datasets 5's `ds[column]` is a lazy Column that formats row by
+    row when iterated (3 s for SST-2's 67k labels, 15 ms this way). The split's row selection is kept."""
+    return ds.with_format("arrow")[column].to_pylist()
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")  # owner/name or owner/name:config
 _SPLIT_NAMES = {
     "train": ("train", "training"),
@@ -270,7 +279,7 @@ def _label_info(splits: dict, column: str) -> dict:
     if isinstance(feature, datasets.ClassLabel):  # hub data sets name their classes
         names = list(feature.names)
         return {"label_type": "class", "num_labels": len(names), "id2label": dict(enumerate(names))}
-    values = [v for s in ("train", "validation") if s in splits for v in splits[s][column]]
+    values = [v for s in ("train", "validation") if s in splits for v in column_values(splits[s], column)]
     if any(v is None for v in values):
         raise RankwiseError(f"label column {column!r} has empty values; fill or drop those rows (--drop-empty)")
     kinds = {type(v) for v in values}

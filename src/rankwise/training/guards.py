@@ -23,17 +23,23 @@ class TrainingDiverged(RankwiseFailure):
 def first_non_finite(named_tensors) -> str | None:
     """Name of the first floating tensor holding NaN or Inf, or None.
 
-    One device-to-host sync per device, not one per tensor: the guard runs after every optimizer step, and a sync
-    per LoRA tensor (76 on MiniLM) stalls a GPU step, badly so when several runs share the GPU. Only when some
-    tensor is non-finite does a second pass look for its name."""
+    The usual answer (all finite) comes from one norm per tensor, computed by `torch._foreach_norm` in float32 and
+    read back with one device-to-host sync: a norm is NaN/Inf whenever an element is (NaN propagates, Inf squares
+    to Inf). `isfinite(t).all()` per tensor cost 1.7 s over MiniLM's 22M weights and 15 ms per optimizer step over
+    its LoRA tensors (the guard runs after every step); the norms take 13 ms and well under 1 ms. Only when some
+    norm is not finite (a NaN/Inf, or finite values whose norm overflows) does an exact pass look for the name."""
     import torch
 
     items = [(n, t) for n, t in named_tensors if t.is_floating_point() and t.device.type != "meta"]
-    by_device: dict = {}
-    for name, t in items:
-        by_device.setdefault(t.device, []).append(t)
+    if not items:
+        return None
+    groups: dict = {}
+    for _, t in items:  # _foreach_norm takes one device and dtype at a time
+        groups.setdefault((t.device, t.dtype), []).append(t)
     with torch.no_grad():
-        if all(bool(torch.stack([torch.isfinite(t).all() for t in ts]).all()) for ts in by_device.values()):
+        first = items[0][1].device
+        norms = [torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)).to(first) for ts in groups.values()]
+        if bool(torch.isfinite(torch.cat(norms)).all()):
             return None
         return next((name for name, t in items if not bool(torch.isfinite(t).all())), None)
 
