@@ -585,7 +585,8 @@ ctx = MethodContext(task="seq-cls", model_name="tiny", model_path=model_dir,
                     choice={"budget_rank": 2}, options={"deltaT": 1}, progress=False, total_steps=6)
 method = AdaLoraMethod()
 built = method.build(base, ctx)
-[cb] = method.callbacks(built, ctx)
+cbs = method.callbacks(built, ctx)
+[cb] = [c for c in cbs if hasattr(c, "stepper")]  # the allocation callback; the other logs the penalty
 st = cb.stepper
 local = []  # masks each process computes from its own scores, before the broadcast
 orig = st._allocate
@@ -599,7 +600,7 @@ ds = Dataset.from_dict({"input_ids": torch.randint(1, 1000, (48, 8), generator=g
 args = TrainingArguments(output_dir=str(out / "t"), per_device_train_batch_size=4, num_train_epochs=1,
                          report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
                          ddp_backend="gloo", logging_steps=100)
-trainer = Trainer(model=built.model, args=args, train_dataset=ds, callbacks=[cb])
+trainer = Trainer(model=built.model, args=args, train_dataset=ds, callbacks=cbs)
 trainer.train()
 rank = int(os.environ.get("RANK", 0))
 (out / f"rank{rank}.json").write_text(json.dumps({

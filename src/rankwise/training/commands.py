@@ -98,8 +98,10 @@ def cmd_eval(args) -> int:
     from . import evaluate_run
 
     from ..outputs import check_file_out, write_text_atomic
+    from .prepare import pick_device
     from .runs import run_inputs
 
+    pick_device(args.device)  # a bad --device fails at once, before the run folder is read
     check_file_out(args.out, args.overwrite, inputs=[args.data, *run_inputs(args.run_dir)])  # never the run or data
     with quiet_libraries(not args.quiet):
         metrics = evaluate_run(args.run_dir, args.data, split=args.split, max_eval_samples=args.max_eval_samples,
