@@ -29,8 +29,12 @@ _LINE = re.compile(r"^\\newcommand\{\\(rw[A-Za-z]+)\}\{(.*)\} % (.+)$")
 
 
 def _numbers() -> dict:
+    return _numbers_of(NUMBERS)
+
+
+def _numbers_of(path: Path) -> dict:
     out = {}
-    for line in NUMBERS.read_text().splitlines():
+    for line in path.read_text().splitlines():
         m = _LINE.match(line)
         if m:
             out[m.group(1)] = (m.group(2), m.group(3))
@@ -49,7 +53,11 @@ class Sweep:
         self.root, self.name = root, root.name
         m = json.loads((root / "sweep.json").read_text())
         exp = m["experiment"]
-        self.total = len(m["runs"])
+        # a tuned sweep lists a grid cell once its settings are chosen; the others are counted as pending
+        self.total = len(m["runs"]) + (m.get("tuning") or {}).get("pending_grid_runs", 0)
+        seeds, budgets = exp.get("seeds") or [], exp.get("budgets") or []
+        grid = len(seeds) * sum(len(budgets if x.get("budgets") is None else x["budgets"]) for x in exp["methods"])
+        self.grid = {t: max(grid, sum(r["task"] == t for r in m["runs"])) for t in (exp.get("tasks") or {})}
         self.kinds = {x["label"]: x["kind"] for x in exp["methods"]}
         self.runs = []
         for row in m["runs"]:
@@ -77,11 +85,16 @@ class Sweep:
     def value(self, x) -> float:
         return float(x["r"]["eval"][self.metric[x["task"]]])
 
+    def reference(self, task, budget):
+        """The label compared with: uniform, else uniform_qv where uniform did not run (budgets below rank 1)."""
+        return next((lab for lab in ("uniform", "uniform_qv") if self.cell(task, budget, lab)), None)
+
     def diffs(self, task, budget, label):
-        """Paired differences to uniform, or None when not compared (no uniform, or a budget off by > 2%)."""
-        ref = {x["seed"]: x for x in self.cell(task, budget, "uniform")}
+        """Paired differences to the reference, or None when not compared (none, or a budget off by > 2%)."""
+        ref_label = self.reference(task, budget)
+        ref = {x["seed"]: x for x in self.cell(task, budget, ref_label)}
         pairs = [(x, ref[x["seed"]]) for x in self.cell(task, budget, label) if x["seed"] in ref]
-        if label == "uniform" or not pairs or any(abs(self.params(a) / self.params(b) - 1) > 0.02 for a, b in pairs):
+        if label == ref_label or not pairs or any(abs(self.params(a) / self.params(b) - 1) > 0.02 for a, b in pairs):
             return None
         return np.array([self.value(a) - self.value(b) for a, b in pairs])
 
@@ -156,7 +169,7 @@ def _expected_cell(s: Sweep, task, budget, label, q, holm):
         return dyn[q]()
     d = s.diffs(task, budget, label)
     mean, lo, hi, p, sd = _ttest(d)
-    ref = np.mean([s.value(x) for x in s.cell(task, budget, "uniform")])
+    ref = np.mean([s.value(x) for x in s.cell(task, budget, s.reference(task, budget))])
     if q == "shareofgain":
         return mean / _gain(s, task)[0]
     return {"delta": mean, "deltapts": 100 * mean, "lo": lo, "hi": hi, "p": p, "pholm": holm.get((budget, label)),
@@ -181,6 +194,8 @@ def _family(s: Sweep, task, alloc_only):
 
 
 def _expected_task(s: Sweep, task, budget, method, q, holm):
+    if q in ("runs", "runstotal"):  # study v2 while it runs: finished runs and grid runs of the task
+        return sum(x["task"] == task for x in s.runs) if q == "runs" else s.grid[task]
     first = next(x for x in s.runs if x["task"] == task)["r"]
     if q in ("evaln", "trainn", "steps"):
         return {"evaln": first["eval"]["num_samples"], "trainn": first["train_info"]["train_samples"],
@@ -207,7 +222,10 @@ def _expected_study(s: Sweep, method, q, holms):
     if q in ("budgetdevmin", "budgetdevmax"):
         devs = []
         for x in (x for x in runs if x["label"] == method):
-            ref = [y for y in s.cell(x["task"], x["budget"], "uniform") if y["seed"] == x["seed"]]
+            ref_label = s.reference(x["task"], x["budget"])
+            if ref_label == method:
+                continue
+            ref = [y for y in s.cell(x["task"], x["budget"], ref_label) if y["seed"] == x["seed"]]
             devs += [100 * (s.params(x) - s.params(ref[0])) / s.params(ref[0])] if ref else []
         return min(devs) if q == "budgetdevmin" else max(devs)
 
@@ -239,16 +257,15 @@ def _expected(key: str, sweeps: dict, holms: dict):
     study, task, budget, method, q = key.split("|")
     if study == "*":
         return {"tolerancepct": 2, "holmlevel": 0.05, "powerpct": 80}[q]
-    if study not in sweeps:  # study v2: counted from its folder, 0 runs when it has not started
-        root = ROOT / "studies" / study
-        if not (root / "sweep.json").is_file():
-            return 0
-        return Sweep(root).total if q == "runstotal" else len(Sweep(root).runs)
+    if study not in sweeps:  # study v2 when it has not started
+        return 0
     s = sweeps[study]
+    if task == "*" and q in ("runs", "runstotal"):
+        return len(s.runs) if q == "runs" else s.total
     if task == "*":
         return _expected_study(s, method, q, holms[study])
     if budget == "*" or "-" in budget:
-        return _expected_task(s, task, budget, method, q, holms[study][task])
+        return _expected_task(s, task, budget, method, q, holms[study].get(task, {}))
     return _expected_cell(s, task, budget, method, q, holms[study][task])
 
 
@@ -269,6 +286,8 @@ def _agrees(text: str, want) -> bool:
 @pytest.fixture(scope="module")
 def recomputed():
     sweeps = {n: Sweep(ROOT / "studies" / n) for n in ("glue-minilm", "smollm2-alpaca")}
+    if (ROOT / "studies" / "glue-minilm-v2" / "sweep.json").is_file():  # its runs, and its finished tasks' numbers
+        sweeps["glue-minilm-v2"] = Sweep(ROOT / "studies" / "glue-minilm-v2")
     return sweeps, {n: _holms(s) for n, s in sweeps.items()}
 
 
@@ -401,6 +420,50 @@ def test_v2_section_in_progress_then_tables(tmp_path):
     assert "is complete" in text and r"\label{tab:glue-minilm-v2-t}" in text
     # depth - uniform per seed: (0.53-0.50, 0.54-0.51, 0.58-0.52) -> mean 0.04, by hand
     assert r"\newcommand{\rwGlueVtwoTROneDepthDelta}{+0.0400}" in nums
+
+
+def test_v2_finished_task_gets_its_table_while_others_run(tmp_path):
+    """Task a's grid is finished: its table and numbers appear; task b's is one run short: counted, no table. At
+    budget 1 uniform did not run, so a is compared with uniform_qv there (the report's rule)."""
+    from rankwise.experiments.paper import make_paper
+
+    v2 = tmp_path / "glue-minilm-v2"
+    methods = [{"label": "uniform", "kind": "strategy", "budgets": ["2"]},
+               {"label": "uniform_qv", "kind": "strategy", "budgets": None},
+               {"label": "depth", "kind": "strategy", "budgets": None}]
+    exp = {"methods": methods, "budgets": ["1", "2"], "seeds": [0, 1, 2], "tasks": {"a": {}, "b": {}}}
+    base = {("uniform", "2"): 0.70, ("uniform_qv", "1"): 0.55, ("uniform_qv", "2"): 0.66, ("depth", "1"): 0.60,
+            ("depth", "2"): 0.71}
+    bump = {("depth", "1"): (0.0, 0.01, 0.03)}  # depth - uniform_qv at budget 1: 0.05, 0.06, 0.08 by seed
+    rows = [{"id": f"{task}-{lab}-b{b}-s{s}", "task": task, "label": lab, "kind": "strategy", "budget": b, "seed": s}
+            for task in ("a", "b") for s in (0, 1, 2) for b in ("1", "2") for lab in ("uniform", "uniform_qv", "depth")
+            if (lab, b) in base]
+    v2.mkdir()
+    (v2 / "sweep.json").write_text(json.dumps({"runs": rows, "experiment": exp}))
+    for row in rows[:-1]:
+        key, s = (row["label"], row["budget"]), row["seed"]
+        _fake_run(v2, row["id"], s, base[key] + 0.01 * s + bump.get(key, (0, 0, 0))[s])
+    make_paper([ROOT / "studies" / "smollm2-alpaca"], tmp_path / "out", v2=v2, figures=False)
+    text, nums = (tmp_path / "out" / "v2.tex").read_text(), (tmp_path / "out" / "numbers.tex").read_text()
+    assert r"is in progress: \rwGlueVtwoRuns{} of \rwGlueVtwoRunstotal{} runs" in text
+    assert r"Complete: \texttt{a} (\rwGlueVtwoARuns{} runs, Table~\ref{tab:glue-minilm-v2-a})" in text
+    assert r"In progress: \texttt{b} (\rwGlueVtwoBRuns{} of \rwGlueVtwoBRunstotal{} runs)" in text
+    assert r"\label{tab:glue-minilm-v2-a}" in text and r"\label{tab:glue-minilm-v2-b}" not in text
+    assert r"\newcommand{\rwGlueVtwoBRuns}{14}" in nums and r"\newcommand{\rwGlueVtwoBRunstotal}{15}" in nums
+    assert "rwGlueVtwoBBOne" not in nums and "rwGlueVtwoCells" not in nums  # no numbers of b, nor study totals
+    # depth vs uniform_qv at budget 1, by hand: mean of (0.05, 0.06, 0.08) = 0.0633; over uniform_qv's mean 0.56
+    assert r"\newcommand{\rwGlueVtwoABOneDepthDelta}{+0.0633}" in nums
+    assert r"\newcommand{\rwGlueVtwoABOneDepthPct}{+11.31}" in nums
+    assert r"\texttt{uniform\_qv} & \rwGlueVtwoABOneUniformQvParams{} & \rwGlueVtwoABOneUniformQvMean{} $\pm$ " \
+           r"\rwGlueVtwoABOneUniformQvStd{} & (reference)" in text
+    assert r"$\Delta$ vs reference" in text and r"\texttt{uniform\_qv}: the row marked" in text
+    # and the independent recomputation agrees with every number v2 got
+    s = Sweep(v2)
+    sweeps, holms = {"glue-minilm-v2": s}, {"glue-minilm-v2": _holms(s)}
+    rows = [(n, text, key) for n, (text, key) in _numbers_of(tmp_path / "out" / "numbers.tex").items()
+            if key.startswith("glue-minilm-v2|")]
+    assert len(rows) > 40
+    assert all(_agrees(text, _expected(key, sweeps, holms)) for _, text, key in rows), rows
 
 
 def _tool(name: str) -> str:

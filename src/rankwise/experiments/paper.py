@@ -9,6 +9,7 @@ Tables use the macros too, so checking `numbers.tex` checks them. Figures are dr
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from collections import Counter
@@ -17,7 +18,7 @@ from pathlib import Path
 from ..types import RankwiseError
 from .paper_tex import (Numbers, _better, _f, _fp, _tex, _word, cell_table, dynamic_tables, macro_name, mde_paired,
                         summary_table)
-from .report import REFERENCE, build_cells
+from .report import REFERENCE, build_cells, reference_of
 from .results import collect, read_manifest
 
 __all__ = ["make_paper", "macro_name", "mde_paired", "load_study", "STUDIES", "V2_STUDY", "HOLM_LEVEL"]
@@ -35,8 +36,11 @@ class Study:
         self.short = _SHORT.get(self.name, _word(self.name))
         self.runs, self.notes = collect(self.root)
         self.manifest = read_manifest(self.root) or {}
-        self.total = len(self.manifest.get("runs", [])) or len(self.runs)
+        # a tuned sweep lists a grid cell only once its settings are chosen: the rest count as pending
+        pending = int((self.manifest.get("tuning") or {}).get("pending_grid_runs", 0))
+        self.total = len(self.manifest.get("runs", [])) + pending or len(self.runs)
         exp = self.manifest.get("experiment") or {}
+        self.experiment = exp
         self.kinds = {m.get("label"): m.get("kind") for m in exp.get("methods", [])}
         self.cells = build_cells(self.runs, exp.get("metrics") or {}, tolerance) if self.runs else []
         self.tasks = list(dict.fromkeys(c.task for c in self.cells))
@@ -48,13 +52,36 @@ class Study:
     def cell(self, task, budget, label):
         return next((c for c in self.cells if (c.task, c.budget, c.label) == (task, budget, label)), None)
 
+    def ref(self, task, budget):
+        """The cell the others of this task and budget are compared with, by the report's rule (uniform, else
+        uniform_qv: uniform over every linear layer cannot run below rank 1), or None."""
+        return reference_of([c for c in self.cells if (c.task, c.budget) == (task, budget)])
+
+    def task_runs(self, task) -> tuple[int, int]:
+        """(finished, grid) runs of one task. The grid is counted from the experiment (seeds x each method's
+        budgets), since sweep.json does not list a tuned task's cells until their settings are chosen."""
+        exp, listed = self.experiment, sum(row["task"] == task for row in self.manifest.get("runs", []))
+        budgets = exp.get("budgets") or []
+        grid = len(exp.get("seeds") or []) * sum(len(budgets if m.get("budgets") is None else m["budgets"])
+                                                 for m in exp.get("methods", []))
+        return sum(r.task == task for r in self.runs), max(grid, listed)
+
+    def only(self, tasks) -> "Study":
+        """The study as far as `tasks` go (cells and runs of other tasks left out); Holm's family is per task, so
+        a task's statistics are the same as in the whole study."""
+        view = copy.copy(self)
+        view.tasks = [t for t in self.tasks if t in tasks]
+        view.cells = [c for c in self.cells if c.task in tasks]
+        view.runs = [r for r in self.runs if r.task in tasks]
+        return view
+
 
 def load_study(root, tolerance: float = 0.02) -> Study:
     return Study(Path(root), tolerance)
 
 
 def _diffs(s: Study, c) -> list[float]:
-    ref = {r.seed: float(r.eval[c.metric]) for r in s.cell(c.task, c.budget, REFERENCE).runs}
+    ref = {r.seed: float(r.eval[c.metric]) for r in s.ref(c.task, c.budget).runs}
     return [float(r.eval[c.metric]) - ref[r.seed] for r in c.runs if r.seed in ref]
 
 
@@ -77,7 +104,7 @@ def _cell_numbers(num: Numbers, s: Study) -> None:
         num.add(*a, "pholm", _fp(c.cmp.get("p_holm", math.nan)))
         num.add(*a, "mde", _f(mde))
         num.add(*a, "mdepts", _f(100 * mde, 1))
-        ref = s.cell(c.task, c.budget, REFERENCE)
+        ref = s.ref(c.task, c.budget)
         num.add(*a, "pct", _f(100 * c.cmp["diff"] / ref.mean, 2, sign=True))
 
 
@@ -104,8 +131,10 @@ def _task_numbers(num: Numbers, s: Study) -> None:
         num.add(*a, "*", "*", "steps", str(int(first.train_info.get("steps", 0))))
         walls = [float(r.train_info["wall_time_s"]) for c in tc for r in c.runs]
         num.add(*a, "*", "*", "wallmedian", f"{statistics.median(walls):.0f}")
+        # what the largest budget gains over the smallest, for uniform itself (paired by seed): uniform_qv, the
+        # reference where uniform cannot run, places rank differently, so a gain from it would mix the two
         budgets = [b for b in dict.fromkeys(c.budget for c in tc) if s.cell(task, b, REFERENCE)]
-        if len(budgets) > 1:  # what the largest budget gains over the smallest, for uniform (paired by seed)
+        if len(budgets) > 1:
             lo, hi = s.cell(task, budgets[0], REFERENCE), s.cell(task, budgets[-1], REFERENCE)
             by = {r.seed: float(r.eval[lo.metric]) for r in lo.runs}
             d = [float(r.eval[hi.metric]) - by[r.seed] for r in hi.runs if r.seed in by]
@@ -158,12 +187,12 @@ def _versions(runs) -> str:
 
 
 def _refused_numbers(num: Numbers, s: Study) -> None:
-    """How far each method that the report refused to compare strayed from uniform's budget (min, max %)."""
+    """How far each method that the report refused to compare strayed from its reference's budget (min, max %)."""
     for label in sorted({c.label for c in s.cells if c.refused and c.label != REFERENCE}):
         devs = []
         for c in (c for c in s.cells if c.label == label):
-            ref = s.cell(c.task, c.budget, REFERENCE)
-            if ref is None:
+            ref = s.ref(c.task, c.budget)
+            if ref is None or ref is c:
                 continue
             by = {r.seed: r.lora_params for r in ref.runs}
             devs += [100 * (r.lora_params - by[r.seed]) / by[r.seed] for r in c.runs if r.seed in by]
@@ -210,7 +239,8 @@ def _dynamic_numbers(num: Numbers, s: Study) -> list[str]:
 
 
 def _v2_section(num: Numbers, root: Path, tolerance: float, out: Path, figures: bool) -> str:
-    """Study v2's section: generated tables when all its runs are in, "in progress: N of M runs" otherwise."""
+    """Study v2's section: every table and the figure when all its runs are in; while it runs, the table of each
+    task whose grid is finished and the count of runs of the others."""
     short, name = _SHORT["glue-minilm-v2"], root.name
     manifest = read_manifest(root) if root.is_dir() else None
     if manifest is None:
@@ -222,9 +252,7 @@ def _v2_section(num: Numbers, root: Path, tolerance: float, out: Path, figures: 
     done = num.add(short, s.name, "*", "*", "*", "runs", str(len(s.runs)))
     total = num.add(short, s.name, "*", "*", "*", "runstotal", str(s.total))
     if len(s.runs) < s.total or not s.runs:
-        where = r"Study v2 (\texttt{" + _tex("studies/" + root.name) + "})"
-        return (where + rf" is in progress: {done} of {total} runs. Its tables "
-                r"and figures appear here when every run of its grid is committed (\texttt{make paper}).")
+        return _v2_in_progress(num, s, done, total)
     _cell_numbers(num, s)
     _task_numbers(num, s)
     _study_numbers(num, s)
@@ -239,6 +267,30 @@ def _v2_section(num: Numbers, root: Path, tolerance: float, out: Path, figures: 
                      + s.name + r".pdf}\caption{Study v2: metric against trainable LoRA parameters per method "
                      r"(mean $\pm$ std over seeds).}\label{fig:pareto-v2}\end{figure}")
     return "\n\n".join(parts)
+
+
+def _v2_in_progress(num: Numbers, s: Study, done: str, total: str) -> str:
+    """The sentence of a running v2 and the tables of its finished tasks (a task's numbers do not change once
+    every run of its grid is in; the summary, the study's totals and the figure wait for the whole grid)."""
+    finished_tasks, complete, running = [], [], []
+    for task in list(s.experiment.get("tasks") or {}) or s.tasks:
+        finished, grid = s.task_runs(task)
+        runs = num.add(s.short, s.name, task, "*", "*", "runs", str(finished))
+        if 0 < grid == finished:
+            finished_tasks.append(task)
+            complete.append(rf"\texttt{{{_tex(task)}}} ({runs} runs, Table~\ref{{tab:{s.name}-{task}}})")
+        else:
+            runstotal = num.add(s.short, s.name, task, "*", "*", "runstotal", str(grid))
+            running.append(rf"\texttt{{{_tex(task)}}} ({runs} of {runstotal} runs)")
+    text = r"Study v2 (\texttt{" + _tex("studies/" + s.name) + rf"}}) is in progress: {done} of {total} runs."
+    text += (" Complete: " + ", ".join(complete) + ".") if complete else " No task is complete yet."
+    text += (" In progress: " + ", ".join(running) + ".") if running else ""
+    text += (r" A task's table appears here when every run of its grid is committed; the summary and figures when "
+             r"every run of the study is (\texttt{make paper}).")
+    view = s.only(finished_tasks)
+    _cell_numbers(num, view)
+    _task_numbers(num, view)
+    return "\n\n".join([text] + [cell_table(num, view, t) for t in view.tasks])
 
 
 def make_paper(studies=STUDIES, out="paper/generated", *, v2=V2_STUDY, tolerance: float = 0.02,

@@ -109,12 +109,22 @@ def _open(cols: str) -> list[str]:
             r"\toprule"]
 
 
+def _qv_referenced(s, task: str) -> bool:
+    """Whether some budget of the task is compared with uniform_qv (uniform cannot run there)."""
+    refs = (s.ref(task, b) for b in dict.fromkeys(c.budget for c in s.cells if c.task == task))
+    return any(r is not None and r.label != REFERENCE for r in refs)
+
+
 def cell_table(num: Numbers, s, task: str) -> str:
     """The strategy comparison of one task: every budget and method, with power (long format, any budgets)."""
     tc = [c for c in s.cells if c.task == task]
+    budgets = list(dict.fromkeys(c.budget for c in tc))
+    tc.sort(key=lambda c: (budgets.index(c.budget), c is not s.ref(task, c.budget)))  # each budget's reference first
     direction = "lower is better" if tc[0].metric in LOWER_IS_BETTER else "higher is better"
+    qv = _qv_referenced(s, task)  # the wording of a table compared with uniform only stays as it was
+    vs = "reference" if qv else "uniform"
     out = [*_open("llrlllll"),
-           r"budget & method & LoRA params & mean $\pm$ std & $\Delta$ vs uniform [95\% CI] & $p$ & $p_\mathrm{Holm}$"
+           rf"budget & method & LoRA params & mean $\pm$ std & $\Delta$ vs {vs} [95\% CI] & $p$ & $p_\mathrm{{Holm}}$"
            r" & MDE$_{80}$ \\", r"\midrule"]
     last = None
     for c in tc:
@@ -124,7 +134,7 @@ def cell_table(num: Numbers, s, task: str) -> str:
         m = "\\" + macro_name(s.short, c.task, c.budget, c.label, "")
         row = [_tex(c.budget), _method_tex(c.label), m + "Params{}", m + r"Mean{} $\pm$ " + m + "Std{}"]
         if c.cmp is None:
-            row += ["(reference)" if c.label == REFERENCE else "not compared", "", "", ""]
+            row += ["(reference)" if c is s.ref(task, c.budget) else "not compared", "", "", ""]
         else:
             delta = f"{m}Delta{{}} [{m}Lo{{}}, {m}Hi{{}}]"
             row += [r"\textbf{" + delta + "}" if _better(c) else delta, m + "P{}", m + "Pholm{}", m + "Mde{}"]
@@ -132,7 +142,9 @@ def cell_table(num: Numbers, s, task: str) -> str:
     out += [r"\bottomrule", r"\end{tabular}}",
             rf"\caption{{{_tex(s.name)}, task {_tex(task)}: \texttt{{{_tex(tc[0].metric)}}} ({direction}) on "
             r"the validation set, mean $\pm$ std over seeds. $\Delta$: paired difference to uniform LoRA at the same "
-            r"budget with its 95\% $t$ interval across seeds (bold: the interval excludes zero); $p$: paired "
+            r"budget" + (r" (where uniform LoRA cannot run, to uniform LoRA on the query and value projections, "
+                         r"\texttt{uniform\_qv}: the row marked ``(reference)'')" if qv else "")
+            + r" with its 95\% $t$ interval across seeds (bold: the interval excludes zero); $p$: paired "
             r"$t$-test; $p_\mathrm{Holm}$: Holm-adjusted over the task's comparisons; MDE$_{80}$: the smallest true "
             r"difference the comparison detects with 80\% power at $\alpha=0.05$.}",
             rf"\label{{tab:{s.name}-{task}}}", r"\end{table}", ""]
@@ -143,10 +155,14 @@ def summary_table(num: Numbers, studies: list) -> str:
     out = [*_open("lllrrrrr"),
            r"study & task & uniform (budgets) & compared & better & worse & Holm $<0.05$ & median MDE$_{80}$ "
            r"(pts) \\", r"\midrule"]
+    qv = False
     for s in studies:
         for task in s.tasks:
-            refs = [c for c in s.cells if c.task == task and c.label == REFERENCE]
-            uni = ", ".join("\\" + macro_name(s.short, task, c.budget, c.label, "mean") + "{}" for c in refs)
+            budgets = dict.fromkeys(c.budget for c in s.cells if c.task == task)
+            refs = [r for r in (s.ref(task, b) for b in budgets) if r is not None]
+            qv = qv or any(c.label != REFERENCE for c in refs)
+            uni = ", ".join("\\" + macro_name(s.short, task, c.budget, c.label, "mean") + "{}"
+                            + ("$^\\dagger$" if c.label != REFERENCE else "") for c in refs)
             m = "\\" + macro_name(s.short, task, "alloc", "")
             med = m + "Mdemedianpts{}" if macro_name(s.short, task, "alloc", "mdemedianpts") in num.rows else "--"
             out.append(" & ".join([_tex(s.name), _tex(task), uni, m + "Compared{}", m + "Better{}", m + "Worse{}",
@@ -155,7 +171,9 @@ def summary_table(num: Numbers, studies: list) -> str:
             r"\caption{The allocators (static allocators and multi-rank LoRA) against uniform LoRA at equal "
             r"parameters: how many paired 95\% intervals lie wholly on the better or the worse side of zero, how many "
             r"comparisons survive Holm's adjustment, and the median smallest difference they could detect (in "
-            r"points of the metric, i.e.\ $\times 100$). Uniform's mean is listed per budget, smallest first.}",
+            r"points of the metric, i.e.\ $\times 100$). Uniform's mean is listed per budget, smallest first"
+            + (r"; $^\dagger$: uniform on the query and value projections (\texttt{uniform\_qv}), the reference "
+               r"of the comparisons at a budget where uniform cannot run" if qv else "") + ".}",
             r"\label{tab:summary}", r"\end{table}", ""]
     return "\n".join(out)
 
