@@ -53,11 +53,15 @@ def test_experiment_file_validates_and_every_committed_run_is_in_its_grid(study)
 def test_report_regenerates_from_the_committed_results(tmp_path, study):
     require("matplotlib", "the figures need matplotlib: pip install -e '.[plot]'")
     out = tmp_path / "report"
-    assert main(["report", str(study), "--out", str(out)]) == 0
+    # the figures of the 282-run study take a minute to draw and are the same code as the decoder study's: draw
+    # them for the smaller study only, check every number of both
+    figures = study.name != "glue-minilm"
+    assert main(["report", str(study), "--out", str(out), *([] if figures else ["--no-figures"])]) == 0
     md, tex = (out / "report.md").read_text(), (out / "tables.tex").read_text()
     assert r"\toprule" in tex and "## Environment" in md
-    figures = list((out / "figures").iterdir())
-    assert len([f for f in figures if f.suffix == ".png"]) >= 3 and len([f for f in figures if f.suffix == ".pdf"]) >= 3
+    if figures:
+        drawn = list((out / "figures").iterdir())
+        assert len([f for f in drawn if f.suffix == ".png"]) >= 3 and len([f for f in drawn if f.suffix == ".pdf"]) >= 3
 
     cells = json.loads((out / "cells.json").read_text())
     assert cells
