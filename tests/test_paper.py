@@ -102,7 +102,7 @@ class Sweep:
         return sorted({(x["budget"], x["label"]) for x in self.runs if x["task"] == task})
 
     def is_alloc(self, label) -> bool:
-        return label != "uniform" and (self.kinds.get(label) == "strategy" or label == "multirank")
+        return label not in ("uniform", "uniform_qv") and (self.kinds.get(label) == "strategy" or label == "multirank")
 
 
 def _ttest(d):

@@ -91,3 +91,40 @@ def test_report_regenerates_from_the_committed_results(tmp_path, study):
             if c["task"] == task and c["comparison"] and not math.isnan(c["comparison"]["p"]):
                 want = max(min(1.0, (len(ps) - k) * q) for k, q in enumerate(ps) if q <= c["comparison"]["p"])
                 assert c["comparison"]["p_holm"] == pytest.approx(want, rel=1e-12)
+
+
+# ----- study v2: the tuning table docs/study.md quotes ----------------------------------------------------------
+
+def _v2_tuning_choices(root: Path) -> dict:
+    """(task, label, budget) -> (lr, held-out score) of the best tuning run, read from each tuning run's own
+    results.json and command line (not from sweep.json's table): the highest score, on a tie the first candidate
+    (the smallest rate, as the tune: lists are sorted)."""
+    runs: dict = {}
+    for f in (root / "tuning").glob("*/results.json"):
+        r = json.loads(f.read_text())
+        task, label, budget = f.parent.name.split("-")[:3]
+        argv = r["run_info"]["command"].split()
+        lr = float(argv[argv.index("--lr") + 1])
+        runs.setdefault((task, label, budget.lstrip("b")), []).append((lr, r["eval"]["eval_accuracy"]))
+    return {k: max(sorted(v), key=lambda x: x[1]) for k, v in runs.items()}
+
+
+def test_v2_tuning_table_in_the_docs_agrees_with_the_tuning_runs():
+    root = ROOT / "studies" / "glue-minilm-v2"
+    md = (ROOT / "docs" / "study.md").read_text()
+    section = md.split("What is measured already, on SST-2")[1].split("\n\n")[1]
+    lines = [ln for ln in section.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    header = ["uniform", "uniform_qv", "adalora", "multirank", "gradient", "depth"]
+    best, checked = _v2_tuning_choices(root), 0
+    assert len(lines) == 4
+    for ln in lines:
+        budget, *cells = [c.strip() for c in ln.strip("|").split("|")]
+        for label, cell in zip(header, cells):
+            key = ("sst2", label, budget.replace(",", ""))
+            if cell == "-":
+                assert key not in best, key
+                continue
+            lr, score = cell.replace("(", "").replace(")", "").split()
+            assert (float(lr), float(score)) == pytest.approx(best[key], abs=5e-4), (key, cell, best[key])
+            checked += 1
+    assert checked == 21

@@ -237,7 +237,7 @@ def test_bad_by_budget_fails_with_one_line(tmp_path, assets, capsys, by_budget, 
 
 def _slow(exp: Path) -> Path:
     """Runs long enough (a few seconds even when warm) that the kill lands inside one, not between two."""
-    exp.write_text(exp.read_text().replace("max_steps: 2", "max_steps: 400"))
+    exp.write_text(exp.read_text().replace("max_steps: 2", "max_steps: 150"))
     return exp
 
 

@@ -126,6 +126,17 @@ class LocalLauncher:
         self._procs: dict[str, subprocess.Popen] = {}
         self._stop = threading.Event()
 
+    def warm_up(self) -> dict:
+        """Start the fork server (rankwise.warm) if runs are warm; returns the runs' environment. The sweep calls
+        it first, from its main thread (the fork server dies with the thread that started it), so the server's
+        imports overlap the sweep's own checks instead of delaying the first run; later calls do nothing."""
+        env = forwarded_env(max(1, (os.cpu_count() or 1) // self.jobs))
+        if warm_runs():
+            from ..warm import warm_context
+
+            warm_context(env)
+        return env
+
     def _one(self, job: Job, env: dict, on_start) -> int | None:
         if self._stop.is_set():
             return None
@@ -134,12 +145,8 @@ class LocalLauncher:
 
     def run(self, jobs: list[Job], on_start: Callable[[Job], None]) -> Iterator[tuple[Job, int | None]]:
         """Yield (job, exit code) as runs finish. On interruption every running child is stopped."""
-        env = forwarded_env(max(1, (os.cpu_count() or 1) // self.jobs))
+        env = self.warm_up()
         self._stop.clear()  # a sweep calls run() once per phase (tuning, then the grid)
-        if warm_runs():  # the fork server starts here, in the sweep's main thread (rankwise.warm)
-            from ..warm import warm_context
-
-            warm_context(env)
         pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="rankwise-run")
         futures = {pool.submit(self._one, j, env, on_start): j for j in jobs}
         try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..types import RankwiseError
 from .paper_tex import (Numbers, _better, _f, _fp, _tex, _word, cell_table, dynamic_tables, macro_name, mde_paired,
                         summary_table)
-from .report import REFERENCE, build_cells, reference_of
+from .report import REFERENCE, REFERENCES, build_cells, reference_of
 from .results import collect, read_manifest
 
 __all__ = ["make_paper", "macro_name", "mde_paired", "load_study", "STUDIES", "V2_STUDY", "HOLM_LEVEL"]
@@ -46,8 +46,9 @@ class Study:
         self.tasks = list(dict.fromkeys(c.task for c in self.cells))
 
     def is_allocator(self, label: str) -> bool:
-        """Where the rank goes at a fixed parameter count: static allocators and multi-rank LoRA."""
-        return label != REFERENCE and (self.kinds.get(label) == "strategy" or label == "multirank")
+        """Where the rank goes at a fixed parameter count: static allocators and multi-rank LoRA. The baselines
+        (uniform, uniform on query/value: the common default placement) are not allocators."""
+        return label not in REFERENCES and (self.kinds.get(label) == "strategy" or label == "multirank")
 
     def cell(self, task, budget, label):
         return next((c for c in self.cells if (c.task, c.budget, c.label) == (task, budget, label)), None)

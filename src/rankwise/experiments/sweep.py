@@ -156,6 +156,8 @@ def sweep(experiment: str | os.PathLike, out: str | os.PathLike, *, jobs: int | 
     from tqdm.auto import tqdm
 
     check_folder_out(out, "sweep", inputs=[experiment])  # never ., .., an ancestor, or a folder of the user's (rankwise.outputs)
+    if launcher == "local":  # the fork server's imports (seconds) overlap the checks below (seconds too)
+        make_launcher(launcher, jobs=jobs, address=address, resources={}).warm_up()
     exp = load_experiment(experiment)  # every check before anything is written
     check_train_flags([*exp.tuning_runs(), *exp.runs({})])
     the_launcher = make_launcher(launcher, jobs=jobs, address=address, resources=exp.resources)
