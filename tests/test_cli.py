@@ -121,3 +121,13 @@ def test_minilm_300k_every_strategy(capsys, minilm, tmp_path, strategy):
         if isinstance(getattr(mod, "r", None), dict):
             row = next(r for r in plan["layers"] if name.endswith(r["name"]))
             assert mod.r["default"] == row["rank"] and mod.lora_alpha["default"] == row["alpha"]
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`rankwise strategies --format json | head -0`: the reader is gone before the first write; no traceback, no
+    error line, SIGPIPE's exit code (before the fix: "error: BrokenPipeError ...", exit 1)."""
+    proc = subprocess.Popen([sys.executable, "-m", "rankwise", "strategies", "--format", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the command imports for a few hundred ms before it writes: the pipe is closed by then
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err

@@ -299,13 +299,17 @@ def test_every_macro_used_is_defined():
     assert not used - set(defined), f"used but not in numbers.tex: {sorted(used - set(defined))[:10]}"
 
 
-def test_every_number_equals_its_recomputation(recomputed):
-    sweeps, holms = recomputed
+def _disagreements(numbers: dict, sweeps: dict, holms: dict) -> list[str]:
     wrong = []
-    for name, (text, key) in _numbers().items():
+    for name, (text, key) in numbers.items():
         want = _expected(key, sweeps, holms)
         if not _agrees(text, want):
             wrong.append(f"\\{name} = {text} but {key} recomputes to {want}")
+    return wrong
+
+
+def test_every_number_equals_its_recomputation(recomputed):
+    wrong = _disagreements(_numbers(), *recomputed)
     assert not wrong, f"{len(wrong)} numbers disagree with results.json (run `make paper`): " + "; ".join(wrong[:5])
 
 
@@ -386,6 +390,35 @@ def test_generated_files_are_current(tmp_path):
                v2=ROOT / "studies" / "glue-minilm-v2", figures=False)
     for f in sorted(tmp_path.glob("*.tex")):
         assert f.read_text() == (PAPER / "generated" / f.name).read_text(), f"{f.name} is stale: run `make paper`"
+
+
+def test_a_changed_result_changes_its_number_and_the_check_fails_until_regenerated(tmp_path):
+    """Issue 25: edit one committed results.json value (a copy of the decoder study): the regenerated macro moves
+    with it, and the independent recomputation flags the old numbers.tex until it is regenerated."""
+    from rankwise.experiments.paper import make_paper
+
+    study = tmp_path / "smollm2-alpaca"
+    shutil.copytree(ROOT / "studies" / "smollm2-alpaca", study, ignore=shutil.ignore_patterns("report", "logs"))
+    make_paper([study], tmp_path / "before", v2=tmp_path / "no-v2", figures=False)
+    before = _numbers_of(tmp_path / "before" / "numbers.tex")
+    row = json.loads((study / "sweep.json").read_text())["runs"][0]
+    sweep = Sweep(study)
+    x = next(x for x in sweep.runs if x["dir"].name == row["id"])
+    key = "|".join([study.name, x["task"], x["budget"], x["label"], "mean"])
+    [name] = [n for n, (_, k) in before.items() if k == key]
+    f = x["dir"] / "results.json"
+    r = json.loads(f.read_text())
+    r["eval"][sweep.metric[x["task"]]] += 0.25  # one run of the cell moves by 0.25: the cell mean by 0.25 / n
+    f.write_text(json.dumps(r))
+    edited = {study.name: Sweep(study)}
+    holms = {study.name: _holms(edited[study.name])}
+    stale = _disagreements(before, edited, holms)
+    assert any(w.startswith(f"\\{name} = ") for w in stale), stale[:3]
+    make_paper([study], tmp_path / "after", v2=tmp_path / "no-v2", figures=False)
+    after = _numbers_of(tmp_path / "after" / "numbers.tex")
+    n = len(sweep.cell(x["task"], x["budget"], x["label"]))
+    assert float(after[name][0]) - float(before[name][0]) == pytest.approx(0.25 / n, abs=2e-4)
+    assert _disagreements(after, edited, holms) == []
 
 
 def _fake_run(root: Path, rid: str, seed: int, value: float) -> dict:

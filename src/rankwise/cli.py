@@ -298,6 +298,9 @@ def _run(args) -> int:
         return fail(1, e)
     except KeyboardInterrupt:
         return fail(130, "interrupted")
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, with the exit code SIGPIPE gives cat
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 141
     except Exception as e:  # noqa: BLE001 - a stack trace from deep inside torch tells a user nothing
         if os.environ.get("RANKWISE_DEBUG"):
             raise
