@@ -235,9 +235,9 @@ def test_bad_by_budget_fails_with_one_line(tmp_path, assets, capsys, by_budget, 
 
 # ----- running, killing, resuming ----------------------------------------------------------------------------
 
-def _slow(exp: Path) -> Path:
+def _slow(exp: Path, steps: int = 150) -> Path:
     """Runs long enough (a few seconds even when warm) that the kill lands inside one, not between two."""
-    exp.write_text(exp.read_text().replace("max_steps: 2", "max_steps: 150"))
+    exp.write_text(exp.read_text().replace("max_steps: 2", f"max_steps: {steps}"))
     return exp
 
 
@@ -316,8 +316,9 @@ def test_grid_edit_adds_and_drops_cells(tmp_path, assets, capsys):
 
 def test_ray_launcher_kill_and_resume(tmp_path, assets):
     require("ray", "Ray not installed: pip install 'rankwise[ray]'")
+    # Ray's workers start slowly and a killed driver's run may still finish: 400 steps keep the kill inside a run
     exp = _slow(write_exp(tmp_path / "exp.yaml", assets, methods="[uniform, depth, module_type]",
-                          extra="resources: {num_cpus: 1}\n"))
+                          extra="resources: {num_cpus: 1}\n"), steps=400)
     out = tmp_path / "out"
     ray_args = ("--launcher", "ray", "--jobs", "1")
     finished = _start_and_kill(sweep_cmd(exp, out, *ray_args), out, signal.SIGKILL)
