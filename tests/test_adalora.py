@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rankwise.dynamic import (Schedule, Stepper, budget_schedule, default_schedule, ema_update, importance, mask,
-                              threshold, triplet_scores)
+                              select, threshold, triplet_scores)
 from rankwise.dynamic.method import AdaLoraMethod, adalora_to_plain, default_init_rank
 from rankwise.methods import MethodContext, get_method
 from rankwise.types import RankwiseError
@@ -61,6 +61,7 @@ def _randomise(built, seed=1):
     ({"unit": "bits"}, "unit must be one of"),
     ({"schedule": "quadratic"}, "schedule must be one of"),
     ({"init_rank": 0}, "init_rank must be >= 1"),
+    ({"fill": "yes"}, "fill must be true or false"),
 ])
 def test_bad_options_are_one_line_errors(options, match):
     with pytest.raises(RankwiseError, match=match) as e:
@@ -222,6 +223,33 @@ def test_threshold_in_both_units_by_hand():
     assert keep.tolist() == [True, False, True, True, False] and int(costs[keep].sum()) <= 72
     keep = mask(scores, threshold(scores, 75, costs))
     assert keep.tolist() == [True, False, True, True, True]
+
+
+def test_select_fills_past_a_triplet_that_no_longer_fits_by_hand():
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.7, 0.3])
+    costs = torch.tensor([10, 3, 10, 50, 5])
+    # best first: 0.9 (10), 0.7 (50), 0.5 (10) -> 70 of 74; 0.3 costs 5 -> 75: the threshold rule stops here
+    assert select(scores, 74, costs, fill=False).tolist() == [True, False, True, True, False]
+    # fill: 0.3 is skipped, 0.1 (cost 3) still fits -> 73
+    assert select(scores, 74, costs).tolist() == [True, True, True, True, False]
+    assert select(scores, 3, torch.tensor([4, 4, 4, 4, 3])).tolist() == [False, False, False, False, True]
+    assert select(scores, 3).tolist() == [True, False, True, True, False]  # unit ranks: peft's rule
+
+
+def test_select_equals_a_plain_greedy_loop():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        scores = torch.rand(n, generator=g)
+        costs = torch.tensor([[769, 1921, 97][int(i)] for i in torch.randint(0, 3, (n,), generator=g)])
+        budget = int(torch.randint(0, int(costs.sum()) + 1, (1,), generator=g))
+        left, want = budget, [False] * n
+        for i in sorted(range(n), key=lambda i: (-float(scores[i]), i)):  # reference: best first, take what fits
+            if int(costs[i]) <= left:
+                want[i], left = True, left - int(costs[i])
+        got = select(scores, budget, costs)
+        assert got.tolist() == want, trial
+        assert int(costs[got].sum()) <= budget
 
 
 def test_warmup_prunes_nothing_and_final_phase_freezes_and_reapplies_the_mask():
@@ -574,7 +602,7 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 from rankwise.dynamic.method import AdaLoraMethod
-from rankwise.dynamic.importance import mask, threshold
+from rankwise.dynamic.importance import select
 from rankwise.methods import MethodContext
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
@@ -592,7 +620,7 @@ local = []  # masks each process computes from its own scores, before the broadc
 orig = st._allocate
 def allocate(budget, step):
     orig(budget, step)
-    local.append(mask(st.scores, threshold(st.scores, budget, st.costs)).tolist())
+    local.append(select(st.scores, budget, st.costs, st.fill).tolist())
 st._allocate = allocate
 g = torch.Generator().manual_seed(0)
 ds = Dataset.from_dict({"input_ids": torch.randint(1, 1000, (48, 8), generator=g).tolist(),

@@ -146,11 +146,12 @@ def fit_ranks(
     return _exchange(ranks, target, costs, bounds, left)
 
 
-def _hand_out(ranks: list[int], target, costs, bounds, left: int, skip: int = -1) -> int:
-    """Give the leftover out one step at a time to the layer that lost most in rounding and still fits."""
+def _hand_out(ranks: list[int], target, costs, bounds, left: int, skip: int = -1, below: float = math.inf) -> int:
+    """Give the leftover out one step at a time to the layer that lost most in rounding and still fits (only to
+    layers whose step costs less than `below`, when given)."""
     while True:
         fits = [i for i, (r, c, b) in enumerate(zip(ranks, costs, bounds))
-                if b.hi > 0 and r + b.step <= b.hi and b.step * c <= left and i != skip]
+                if b.hi > 0 and r + b.step <= b.hi and b.step * c <= left and i != skip and b.step * c < below]
         if not fits:
             return left
         i = max(fits, key=lambda j: ((target[j] - ranks[j]) / bounds[j].step, -costs[j]))
@@ -161,6 +162,8 @@ def _hand_out(ranks: list[int], target, costs, bounds, left: int, skip: int = -1
 def _exchange(ranks: list[int], target, costs, bounds, left: int, rounds: int = 20) -> list[int]:
     """Layers of different cost can leave more than the cheapest step unspent (a 384 x 1536 step does not fit,
     a 384 x 384 one no longer fits): take one step back from a layer and hand out again while that spends more.
+    The hand-out is tried as usual and also only to cheaper layers: otherwise the step taken back from a wide layer
+    can go straight to another wide layer (1,920 back, 1,920 out) and three 768-steps that fit are never tried.
     Matters at budgets of a few rank steps, where rounding is a large share of the budget."""
     for _ in range(rounds):
         if left == 0:
@@ -169,11 +172,12 @@ def _exchange(ranks: list[int], target, costs, bounds, left: int, rounds: int = 
         for i, (r, c, b) in enumerate(zip(ranks, costs, bounds)):
             if b.hi == 0 or r - b.step < b.lo or b.step * c <= left:
                 continue
-            trial = list(ranks)
-            trial[i] -= b.step
-            rest = _hand_out(trial, target, costs, bounds, left + b.step * c, skip=i)
-            if rest < left and (best is None or rest < best[1]):
-                best = (trial, rest)
+            for below in (math.inf, b.step * c):
+                trial = list(ranks)
+                trial[i] -= b.step
+                rest = _hand_out(trial, target, costs, bounds, left + b.step * c, skip=i, below=below)
+                if rest < left and (best is None or rest < best[1]):
+                    best = (trial, rest)
         if best is None:
             break
         ranks[:], left = best

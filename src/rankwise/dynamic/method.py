@@ -50,6 +50,7 @@ class AdaOptions:
     init_rank: int | None = None
     schedule: str = "cubic"
     unit: str = "params"
+    fill: bool = True  # unit params: a wide layer's triplet that no longer fits does not stop cheaper ones after it
 
 
 _INTS = ("tinit", "tfinal", "deltaT", "init_rank")
@@ -65,6 +66,8 @@ def parse_options(options: dict) -> AdaOptions:
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise RankwiseError(f"unknown adalora option(s) {unknown}; allowed: {', '.join(allowed)}")
+    if "fill" in opts and not isinstance(opts["fill"], bool):
+        raise RankwiseError(f"adalora option fill must be true or false, got {opts['fill']!r}")
     for k in _INTS:
         if k in opts and (isinstance(opts[k], bool) or not isinstance(opts[k], int)):
             raise RankwiseError(f"adalora option {k} must be an integer, got {opts[k]!r}")
@@ -183,11 +186,11 @@ class AdaLoraMethod(Method):
         if sorted(s.name for s in slots) != sorted(lay.name for lay in layers) or any(s.rank != init for s in slots):
             raise RankwiseError(f"peft built {len(slots)} AdaLoRA layers for {len(layers)} targets; expected each "
                                 f"at rank {init}")
-        stepper = Stepper(slots, target=target, unit=o.unit, beta1=o.beta1, beta2=o.beta2)
+        stepper = Stepper(slots, target=target, unit=o.unit, beta1=o.beta1, beta2=o.beta2, fill=o.fill)
         _skip_peft_penalty(model)
         reg = OrthRegulariser([s.A for s in slots], [s.B for s in slots], o.orth_reg_weight)
         model.register_forward_hook(reg.hook)
-        info = {"source": "adalora", "strategy": "adalora", "budget": budget.to_dict(), "unit": o.unit,
+        info = {"source": "adalora", "strategy": "adalora", "budget": budget.to_dict(), "unit": o.unit, "fill": o.fill,
                 "init_rank": init, "lora_alpha": alpha, "layers_adapted": len(layers)}
         return Built(model=model, plan=None, lora_params=stepper.peak_params(), info=info,
                      state={"stepper": stepper, "options": o, "budget": budget, "regulariser": reg})

@@ -2,7 +2,7 @@
 
 All layers live in flat tensors laid out once at construction (P entries of every layer, then lambda, then Q), so a
 step is a handful of vectorised tensor operations whatever the number of layers: two `cat`s of the parameters and
-their gradients, the EMA updates, one `index_add_` for the triplet scores, one threshold, one fused multiply of the
+their gradients, the EMA updates, one `index_add_` for the triplet scores, one selection, one fused multiply of the
 lambdas by the mask. No walk over the model's modules or parameter names after construction.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..types import RankwiseError
-from .importance import element_scores, ema_update, importance, mask, threshold, triplet_scores
+from .importance import element_scores, ema_update, importance, select, triplet_scores
 from .schedule import Schedule, budget_schedule
 
 __all__ = ["Slot", "Stepper", "UNITS"]
@@ -43,12 +43,12 @@ class Stepper:
     """AdaLoRA's RankAllocator, vectorised over layers, with budgets in triplets (`ranks`) or parameters."""
 
     def __init__(self, slots: list[Slot], *, target: int, unit: str = "params", beta1: float = 0.85,
-                 beta2: float = 0.85):
+                 beta2: float = 0.85, fill: bool = True):
         if unit not in UNITS:
             raise RankwiseError(f"adalora unit must be one of {', '.join(UNITS)}, got {unit!r}")
         if not slots:
             raise RankwiseError("adalora found no layer to adapt")
-        self.slots, self.unit, self.beta1, self.beta2 = slots, unit, beta1, beta2
+        self.slots, self.unit, self.beta1, self.beta2, self.fill = slots, unit, beta1, beta2, fill
         self.names = [s.name for s in slots]
         self._E = [s.E for s in slots]
         self._params = [s.A for s in slots] + self._E + [s.B for s in slots]
@@ -142,7 +142,7 @@ class Stepper:
 
     def _allocate(self, budget: int, step: int) -> None:
         self.scores = triplet_scores(element_scores(self.avg_ipt, self.avg_unc), self._segment, self._weight, self.n)
-        keep = mask(self.scores, threshold(self.scores, budget, self.costs))
+        keep = select(self.scores, budget, self.costs, self.fill)
         self.keep = _same_on_every_process(keep)
         self._keep_f.copy_(self.keep)
         torch._foreach_mul_(self._E, self._keep_views)
