@@ -62,6 +62,7 @@ def _randomise(built, seed=1):
     ({"schedule": "quadratic"}, "schedule must be one of"),
     ({"init_rank": 0}, "init_rank must be >= 1"),
     ({"fill": "yes"}, "fill must be true or false"),
+    ({"unit": "lora"}, "unit must be one of params, lora_params, ranks"),
 ])
 def test_bad_options_are_one_line_errors(options, match):
     with pytest.raises(RankwiseError, match=match) as e:
@@ -236,20 +237,44 @@ def test_select_fills_past_a_triplet_that_no_longer_fits_by_hand():
     assert select(scores, 3).tolist() == [True, False, True, True, False]  # unit ranks: peft's rule
 
 
-def test_select_equals_a_plain_greedy_loop():
+def _plain_greedy(scores, costs, budget):
+    """Reference: best first, take every triplet that still fits."""
+    left, want = budget, [False] * len(scores)
+    for i in sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i)):
+        if int(costs[i]) <= left:
+            want[i], left = True, left - int(costs[i])
+    return want, left
+
+
+def test_select_is_the_plain_greedy_loop_or_spends_more():
     g = torch.Generator().manual_seed(0)
+    improved = 0
     for trial in range(200):
         n = int(torch.randint(1, 40, (1,), generator=g))
         scores = torch.rand(n, generator=g)
         costs = torch.tensor([[769, 1921, 97][int(i)] for i in torch.randint(0, 3, (n,), generator=g)])
         budget = int(torch.randint(0, int(costs.sum()) + 1, (1,), generator=g))
-        left, want = budget, [False] * n
-        for i in sorted(range(n), key=lambda i: (-float(scores[i]), i)):  # reference: best first, take what fits
-            if int(costs[i]) <= left:
-                want[i], left = True, left - int(costs[i])
+        want, greedy_left = _plain_greedy(scores, costs, budget)
         got = select(scores, budget, costs)
-        assert got.tolist() == want, trial
-        assert int(costs[got].sum()) <= budget
+        left = budget - int(costs[got].sum())
+        assert 0 <= left <= greedy_left, trial
+        if left == greedy_left:
+            assert got.tolist() == want, trial  # no exchange taken: exactly the greedy keep
+        improved += left < greedy_left
+        same_cost = select(scores, budget, torch.full((n,), 5))  # equal costs: the k best, as in unit ranks
+        assert same_cost.tolist() == mask(scores, threshold(scores, budget // 5)).tolist(), trial
+    assert improved > 0
+
+
+def test_select_gives_a_wide_triplet_back_for_cheap_ones_by_hand():
+    # 3 wide (1,920) triplets score best, then 12 narrow (768): greedy keeps 3 wide + 4 narrow = 8,832 of 9,216;
+    # giving the lowest wide one back buys 3 more narrow ones: 2 x 1,920 + 7 x 768 = 9,216 exactly
+    scores = torch.tensor([0.9, 0.8, 0.7] + [0.6 - 0.01 * k for k in range(12)])
+    costs = torch.tensor([1920] * 3 + [768] * 12)
+    assert _plain_greedy(scores, costs, 9216)[1] == 384
+    keep = select(scores, 9216, costs)
+    assert int(costs[keep].sum()) == 9216
+    assert keep.tolist() == [True, True, False] + [True] * 7 + [False] * 5
 
 
 def test_warmup_prunes_nothing_and_final_phase_freezes_and_reapplies_the_mask():
@@ -673,3 +698,16 @@ def test_causal_lm_run_within_budget_and_exact_export(tmp_path, tiny_llama_dir):
     lora = export(tmp_path / "run", tmp_path / "lora", progress=False)
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), str(lora))
     assert (_logits_in_process(plain) - _logits_in_process(model)).abs().max() <= 1e-5
+
+
+def test_lora_params_unit_budgets_what_the_exported_plain_lora_holds():
+    built = METHOD.build(_tiny_cls(), _ctx({"unit": "lora_params", "init_rank": 4}, total=20, budget="1792"))
+    st = built.state["stepper"]
+    # by hand: the tiny BERT's 12 linears are 8 of 32x32 (64 per rank) and 4 of 64x32 / 32x64 (96), lambda not counted
+    assert sorted(st.costs.tolist()) == sorted([64] * 4 * 8 + [96] * 4 * 4)
+    assert st.init_budget == 4 * (8 * 64 + 4 * 96) and st.cost_of.tolist() == [c + 1 for c in st.costs.tolist()]
+    st.scores = torch.rand(st.n, generator=torch.Generator().manual_seed(0))
+    keep = select(st.scores, 1792, st.costs)
+    assert int(st.costs[keep].sum()) == 1792  # 28 x 64 = 1,792 fits exactly; with lambda (65 each) it could not
+    params = METHOD.build(_tiny_cls(), _ctx({"init_rank": 4}, total=20, budget="1792")).state["stepper"]
+    assert params.costs.tolist() == st.cost_of.tolist()

@@ -64,25 +64,42 @@ def mask(scores: torch.Tensor, thresh: float) -> torch.Tensor:
 
 def select(scores: torch.Tensor, budget: int, costs: torch.Tensor | None = None, fill: bool = True) -> torch.Tensor:
     """Triplets to keep within `budget`. Unit ranks (costs None) or fill=False: `mask(threshold(...))`. With costs
-    and fill: the best-scoring triplets in order while their cumulative cost fits, then, further down the order,
-    every triplet that still fits in what is left (greedy; never over the budget; ties keep the lower index)."""
+    and fill: best-scoring first, every triplet that still fits in what is left (greedy, so a wide triplet that no
+    longer fits does not stop cheaper ones after it); then, while it spends more, the lowest-scoring kept triplet
+    of a cost class is given back for the next best that fit (1,920 back, three of 768 in: what a budget of
+    a few ranks needs). Never over the budget; ties keep the lower index."""
     if costs is None or not fill:
         return mask(scores, threshold(scores, budget, costs))
-    order = torch.argsort(scores, descending=True, stable=True)
-    ordered = costs[order]
-    fits = int((torch.cumsum(ordered, 0) <= budget).sum())
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    cost = costs.tolist()
+    kept, left = _greedy(order, cost, int(budget), set())
+    for _ in range(8):
+        trials = []
+        for c in {cost[i] for i in kept if cost[i] > left}:
+            back = next(i for i in reversed(order) if i in kept and cost[i] == c)
+            for below in (float("inf"), c):  # refill with any triplet, or only cheaper ones (not wide for wide)
+                trial, rest = _greedy(order, cost, left + c, kept - {back}, skip=back, below=below)
+                trials.append((rest, trial))
+        best = min(trials, key=lambda t: t[0], default=None)
+        if best is None or best[0] >= left:
+            break
+        left, kept = best
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    keep[order[:fits]] = True
-    left = int(budget) - int(ordered[:fits].sum())
-    rest = ordered[fits:].tolist()
-    cheapest = min(rest, default=left + 1)
-    picked = []
-    for j, cost in enumerate(rest):
+    if kept:
+        keep[torch.tensor(sorted(kept), device=scores.device)] = True
+    return keep
+
+
+def _greedy(order: list[int], cost: list, left: int, kept: set, skip: int = -1,
+            below: float = float("inf")) -> tuple[set, int]:
+    """Walk `order` adding every triplet not yet kept whose cost fits what is left (and is under `below`);
+    (kept, what is left)."""
+    kept = set(kept)
+    cheapest = min(cost, default=0)
+    for i in order:
         if left < cheapest:
             break
-        if cost <= left:
-            picked.append(fits + j)
-            left -= cost
-    if picked:
-        keep[order[torch.tensor(picked, device=order.device)]] = True
-    return keep
+        if i not in kept and i != skip and cost[i] <= left and cost[i] < below:
+            kept.add(i)
+            left -= cost[i]
+    return kept, left

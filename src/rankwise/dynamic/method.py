@@ -168,7 +168,8 @@ class AdaLoraMethod(Method):
         if c.get("budget") is None and br is None:
             br = DEFAULT_BUDGET_RANK
         budget = parse_budget(c.get("budget"), layers, total_params=count_params(base_model), budget_rank=br)
-        cost = sum(lay.params_per_rank + 1 for lay in layers)  # one rank of every layer, lambda included
+        # one rank of every layer, lambda included unless the unit counts the exported LoRA's parameters
+        cost = sum(lay.params_per_rank + (o.unit == "params") for lay in layers)
         avg = br if o.unit == "ranks" else budget.params / cost
         init = o.init_rank or default_init_rank(avg)
         too_small = [lay.name for lay in layers if lay.max_rank < init]

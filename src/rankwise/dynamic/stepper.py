@@ -18,7 +18,9 @@ from .schedule import Schedule, budget_schedule
 
 __all__ = ["Slot", "Stepper", "UNITS"]
 
-UNITS = ("params", "ranks")
+# params: a triplet costs in + out + 1 (P row, Q column, lambda); lora_params: in + out, what the exported plain LoRA
+# adapter holds (lambda folds into B), the currency a study compares adapters in; ranks: peft's count of triplets.
+UNITS = ("params", "lora_params", "ranks")
 
 
 @dataclass
@@ -59,9 +61,9 @@ class Stepper:
         self._layer_of = torch.repeat_interleave(torch.arange(len(slots), device=dev), ranks)
         self._segment, self._weight = self._layout(dev)
         per_triplet = torch.tensor([s.triplet_cost for s in slots], device=dev)[self._layer_of]
-        self.costs = per_triplet if unit == "params" else None
         self.cost_of = per_triplet  # parameters per triplet, whatever the unit (for reporting)
-        self.init_budget = int(per_triplet.sum()) if unit == "params" else self.n
+        self.costs = self._unit_costs()
+        self.init_budget = self.n if self.costs is None else int(self.costs.sum())
         self.target = int(target)
         if not 0 < self.target <= self.init_budget:
             raise RankwiseError(f"adalora target budget {self.target:,} {unit} must be in (0, {self.init_budget:,}] "
@@ -128,8 +130,11 @@ class Stepper:
         for k in ("_offsets", "_layer_of", "_segment", "_weight", "cost_of", "avg_ipt", "avg_unc", "scores", "keep",
                   "_keep_f"):
             setattr(self, k, getattr(self, k).to(dev))
-        self.costs = self.cost_of if self.unit == "params" else None
+        self.costs = self._unit_costs()
         self._keep_views = [v.view(-1, 1) for v in self._keep_f.split([s.rank for s in self.slots])]
+
+    def _unit_costs(self) -> torch.Tensor | None:
+        return {"params": self.cost_of, "lora_params": self.cost_of - 1}.get(self.unit)
 
     def _update_importance(self) -> None:
         grads = [p.grad for p in self._params]
