@@ -9,7 +9,8 @@ A triplet (P row i, lambda_i, Q column i) scores s(lambda_i) + mean_j s(P_ij) + 
 Masking keeps the best-scoring triplets that fit a budget: a count of triplets (`ranks`, the method's own unit) or
 trainable parameters (`params`: a triplet of an [out, in] layer costs in + out + 1). In parameters a triplet of a
 wide layer that no longer fits would otherwise end the keep with up to its whole cost unspent (1,921 of a 9,216
-budget on MiniLM): `select` goes on down the order and keeps each cheaper triplet that still fits.
+budget on MiniLM): `select` goes on down the order, keeps each cheaper triplet that still fits, and trades a
+kept wide triplet for cheaper ones while that spends more.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class AdaOptions:
     init_rank: int | None = None
     schedule: str = "cubic"
     unit: str = "params"
-    fill: bool = True  # unit params: a wide layer's triplet that no longer fits does not stop cheaper ones after it
+    fill: bool = True  # parameter units: a wide triplet that no longer fits does not stop cheaper ones after it
 
 
 _INTS = ("tinit", "tfinal", "deltaT", "init_rank")
