@@ -130,3 +130,53 @@ def test_v2_tuning_table_in_the_docs_agrees_with_the_tuning_runs():
             assert (float(lr), float(score)) == pytest.approx(best[key], abs=5e-4), (key, cell, best[key])
             checked += 1
     assert checked == 21
+
+
+# ----- study v2: SST-2's grid table and its Holm claim in docs/study.md ------------------------------------------
+
+def _v2_grid(task: str, metric: str) -> dict:
+    """(label, budget, seed) -> metric, read from each grid run's results.json (run folders are named
+    task-label-bBUDGET-sSEED-hash)."""
+    out = {}
+    for f in (ROOT / "studies" / "glue-minilm-v2" / "runs").glob(f"{task}-*/results.json"):
+        _, label, budget, seed = f.parent.name.split("-")[:4]
+        out[(label, int(budget[1:]), int(seed[1:]))] = float(json.loads(f.read_text())["eval"][metric])
+    return out
+
+
+def test_v2_sst2_grid_table_in_the_docs_agrees_with_the_runs():
+    md = (ROOT / "docs" / "study.md").read_text()
+    section = md.split("### SST-2's grid: what the numbers show")[1].split("\n- ")[0]
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in section.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| ---")]
+    header, rows = rows[0], rows[1:]
+    budgets = [int(b.replace(",", "")) for b in header[1:]]
+    runs, seeds = _v2_grid("sst2", "eval_accuracy"), range(5)
+    ref = {b: "uniform" if ("uniform", b, 0) in runs else "uniform_qv" for b in budgets}
+    assert rows[0][0] == "reference" and len(rows) == 11
+    for b, cell in zip(budgets, rows[0][1:]):  # "80.41 ± 0.65 (q,v)": mean ± sample standard deviation
+        v = 100 * np.array([runs[(ref[b], b, s)] for s in seeds])
+        mean, sd = (float(x) for x in cell.split(" (")[0].split(" ± "))
+        assert (mean, sd) == pytest.approx((v.mean(), v.std(ddof=1)), abs=0.006), (b, cell)
+    ps, checked = [], 0
+    for label, *cells in rows[1:]:
+        for b, cell in zip(budgets, cells):
+            if cell == "-":
+                assert label == ref[b] or (label, b, 0) not in runs, (label, b)
+                continue
+            d = 100 * np.array([runs[(label, b, s)] - runs[(ref[b], b, s)] for s in seeds])
+            if cell == "same plan":
+                assert np.all(d == 0), (label, b)
+                continue
+            half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+            got = [float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split()]
+            assert got == pytest.approx([d.mean(), d.mean() - half, d.mean() + half], abs=0.006), (label, b, cell)
+            ps.append(stats.ttest_1samp(d, 0.0).pvalue)
+            checked += 1
+    assert checked == 30
+    # the prose: 30 tested comparisons, three intervals exclude zero, Holm leaves none below 0.40
+    text = md.split("### SST-2's grid: what the numbers show")[1].split("## Reproduce v2")[0]
+    assert "Of SST-2's 30 tested comparisons, three" in text and "leaves none below 0.40" in text
+    assert sum(p < 0.05 for p in ps) == 3
+    ps.sort()
+    assert min(max(min(1.0, (len(ps) - k) * q) for k, q in enumerate(ps[: i + 1])) for i in range(len(ps))) >= 0.40
