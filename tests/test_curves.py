@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,41 @@ def test_sharing_rows_compare_own_choice_with_the_shared_one():
     rows = {r["budget"]: r for r in sharing_rows(tuning)}
     assert rows["41472"]["same"] and rows["41472"]["shared"] == {"lr": 0.002}
     assert not rows["9216"]["same"] and rows["9216"]["shared"] == {"lr": 0.004}  # uniform has no 9216: qv's
+
+
+def _runs(task, label, budget, values):
+    from rankwise.experiments.results import RunResult
+
+    return [RunResult(f"{task}-{label}-{budget}-s{s}", Path("."), task, label, budget, s,
+                      {"train_info": {"lora_params": 1000}, "eval": {"eval_accuracy": v}})
+            for s, v in enumerate(values)]
+
+
+def test_glance_pairs_every_entry_with_its_budgets_reference():
+    from scipy import stats
+
+    from rankwise.experiments.curves import _glance_md, glance_rows
+    from rankwise.experiments.report import build_cells
+
+    runs = (_runs("t", "uniform_qv", "b1", [0.80, 0.82, 0.81]) + _runs("t", "x", "b1", [0.83, 0.84, 0.82])
+            + _runs("t", "uniform", "b2", [0.85, 0.86, 0.87]) + _runs("t", "x", "b2", [0.90, 0.92, 0.91])
+            + _runs("t", "y", "b2", [0.85, 0.86, 0.87]) + _runs("t", "uniform_qv", "b2", [0.84, 0.85, 0.86]))
+    g = glance_rows(build_cells(runs))["t"]
+    assert g["budgets"] == ["b1", "b2"]
+    assert g["reference"]["b1"].label == "uniform_qv" and g["reference"]["b2"].label == "uniform"
+    md = "\n".join(_glance_md({"t": g}))
+    rows = {ln.split(" | ")[0].strip("| "): [c.strip(" |") for c in ln.split(" | ")[1:]]
+            for ln in md.splitlines() if ln.startswith("| ")}
+    # b1, x - qv per seed (0.03, 0.02, 0.01): mean 0.02, sd 0.01, half t(0.975, 2) 4.302653 * 0.01 / sqrt(3)
+    # = 0.024842; b2, x - uniform (0.05, 0.06, 0.04): mean 0.05, the same half width, so it excludes zero
+    assert rows["reference"] == ["0.8100 ± 0.0100 (uniform_qv)", "0.8600 ± 0.0100"]
+    assert rows["x"] == ["+0.0200 [-0.0048, +0.0448]", "+0.0500 [+0.0252, +0.0748] *"]
+    assert rows["y"] == ["-", "same as reference"]
+    assert rows["uniform_qv"] == ["(reference)", "-0.0100 on every seed"]
+    assert "uniform" not in rows  # only ever the reference: its row is the first
+    p1 = stats.ttest_1samp([0.03, 0.02, 0.01], 0).pvalue
+    p2 = stats.ttest_1samp([0.05, 0.06, 0.04], 0).pvalue
+    assert p2 < p1
+    # Holm: the smaller of two p-values times 2
+    assert (f"2 comparisons with a test, 1 of them with an interval that excludes zero; the smallest Holm-adjusted "
+            f"p is {2 * p2:.3f} (x at b2)") in md

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .results import LOWER_IS_BETTER
+from .results import LOWER_IS_BETTER, REFERENCES
 
-__all__ = ["v2_sections", "efficiency_rows", "half_width", "sharing_rows"]
+__all__ = ["v2_sections", "efficiency_rows", "glance_rows", "half_width", "sharing_rows"]
 
 UNIFORM = "uniform"
 
@@ -74,6 +74,69 @@ def _efficiency_md(rows: list[dict]) -> list[str]:
             else:
                 out.append(f"| {r['method']} | {r['reaches_at']:,} | {r['mean_there']:.4f} | {r['saves']:,} | "
                            f"{r['saves_ratio']:.2f} |")
+        out.append("")
+    return out
+
+
+def glance_rows(cells) -> dict:
+    """Per task with two or more budgets: {budget: reference cell}, and per label {budget: cell}, in the cells'
+    order. The reference of a budget is the first of REFERENCES that ran there (what the tables compare with)."""
+    out: dict = {}
+    for task, tc in _by_task(cells).items():
+        budgets = list(dict.fromkeys(c.budget for c in tc))
+        if len(budgets) < 2:
+            continue
+        refs = {b: next((c for name in REFERENCES for c in tc if c.budget == b and c.label == name), None)
+                for b in budgets}
+        rows: dict = {}
+        for c in tc:
+            rows.setdefault(c.label, {})[c.budget] = c
+        out[task] = {"budgets": budgets, "reference": refs, "rows": rows}
+    return out
+
+
+def _glance_cell(c, ref) -> str:
+    if c is None:
+        return "-"
+    if c is ref:
+        return "(reference)"
+    if c.cmp is None:
+        return "not compared"
+    d, lo, hi = c.cmp["diff"], c.cmp["lo"], c.cmp["hi"]
+    if math.isnan(lo):  # one seed, or every paired difference equal (no interval)
+        if c.cmp["n"] < 2:
+            return f"{d:+.4f} (1 seed)"
+        return "same as reference" if d == 0 else f"{d:+.4f} on every seed"
+    star = " *" if lo > 0 or hi < 0 else ""
+    return f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]{star}"
+
+
+def _glance_md(glance: dict) -> list[str]:
+    out = ["## At a glance: every entry against the reference, budget by budget", "",
+           "The reference's mean ± std over seeds (uniform, or the label named where uniform did not run), then "
+           "each entry's difference to it paired by seed with its 95% t interval. `*`: the interval excludes zero "
+           "before any adjustment for the number of comparisons (Holm's adjusted p is in the tables above). "
+           "`same as reference`: every seed's run scored exactly the reference's (the same plan).", ""]
+    for task, g in glance.items():
+        budgets, refs = g["budgets"], g["reference"]
+        out += [f"### {task}", "", "| entry | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
+        cols = []
+        for b in budgets:
+            r = refs[b]
+            cols.append("-" if r is None else (f"{r.mean:.4f} ± {r.std:.4f}" if r.n > 1 else f"{r.mean:.4f}")
+                        + ("" if r is None or r.label == REFERENCES[0] else f" ({r.label})"))
+        out.append("| reference | " + " | ".join(cols) + " |")
+        for label, row in g["rows"].items():
+            if all(row.get(b) is refs[b] or row.get(b) is None for b in budgets):
+                continue  # only ever the reference: its row is the first
+            out.append(f"| {label} | " + " | ".join(_glance_cell(row.get(b), refs[b]) for b in budgets) + " |")
+        tested = [c for row in g["rows"].values() for c in row.values() if c.cmp and not math.isnan(c.cmp["p"])]
+        if tested:
+            low = min(tested, key=lambda c: c.cmp.get("p_holm", math.nan))
+            excl = sum(c.cmp["lo"] > 0 or c.cmp["hi"] < 0 for c in tested)
+            out += ["", f"{len(tested)} comparisons with a test, {excl} of them with an interval that excludes "
+                    f"zero; the smallest Holm-adjusted p is {low.cmp.get('p_holm', math.nan):.3f} ({low.label} at "
+                    f"{low.budget})."]
         out.append("")
     return out
 
@@ -158,6 +221,9 @@ def v2_sections(cells, manifest: dict | None, out: Path, figures: bool) -> tuple
     tuning = (manifest or {}).get("tuning")
     curve = any(len({c.budget for c in tc}) >= 3 for tc in _by_task(cells).values())
     md, files = [], []
+    glance = glance_rows(cells)
+    if glance:
+        md += _glance_md(glance)
     if curve:
         md += _efficiency_md(efficiency_rows(cells))
     if tuning:

@@ -18,15 +18,13 @@ from pathlib import Path
 
 from ..outputs import check_folder_out
 from ..types import RankwiseError
-from .results import LOWER_IS_BETTER, RunResult, collect, headline_metric, read_manifest, write_json_atomic
+from .results import (LOWER_IS_BETTER, REFERENCES, RunResult, collect, headline_metric, read_manifest,
+                      write_json_atomic)
 
 __all__ = ["Cell", "summarize", "paired_t", "holm", "build_cells", "make_report", "reference_of", "REFERENCE",
            "REFERENCES", "LOWER_IS_BETTER"]
 
-REFERENCE = "uniform"
-# Where uniform LoRA on every target cannot run (a budget below rank 1 on every layer), the comparison is with
-# uniform LoRA on query/value (the common default), when the grid has it.
-REFERENCES = (REFERENCE, "uniform_qv")
+REFERENCE = REFERENCES[0]
 
 
 def summarize(values) -> tuple[float, float, int]:

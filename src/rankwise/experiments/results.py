@@ -14,10 +14,13 @@ from pathlib import Path
 from ..training.record import CorruptRecord
 from ..types import RankwiseError
 
-__all__ = ["RunResult", "headline_metric", "LOWER_IS_BETTER", "write_json_atomic", "load_results", "is_finished", "read_manifest", "collect",
-           "MANIFEST", "RUNS_DIR"]
+__all__ = ["RunResult", "headline_metric", "LOWER_IS_BETTER", "REFERENCES", "write_json_atomic", "load_results",
+           "is_finished", "read_manifest", "collect", "MANIFEST", "RUNS_DIR"]
 
 LOWER_IS_BETTER = ("eval_loss", "perplexity", "eval_mse")
+# What every cell of a task and budget is compared with: uniform LoRA on every target, else, where it cannot run
+# (a budget below rank 1 on every layer), uniform LoRA on query/value (the common default), when the grid has it.
+REFERENCES = ("uniform", "uniform_qv")
 _DEFAULT_METRICS = ("eval_pearson", "eval_accuracy", "eval_loss")  # CoLA: set metric: eval_mcc
 MANIFEST = "sweep.json"
 RUNS_DIR = "runs"
