@@ -163,8 +163,12 @@ def collect(sweep_dir: str | os.PathLike) -> tuple[list[RunResult], list[str]]:
     manifest = read_manifest(root)
     found, notes = [], []
     if manifest is not None:
+        waiting: dict = {}  # task -> runs of the grid that have no folder yet (a sweep under way): counted, not listed
         for row in manifest["runs"]:
             d = root / RUNS_DIR / row["id"]
+            if not d.exists():
+                waiting[row["task"]] = waiting.get(row["task"], 0) + 1
+                continue
             try:
                 r = load_results(d)
             except CorruptRecord:
@@ -175,6 +179,9 @@ def collect(sweep_dir: str | os.PathLike) -> tuple[list[RunResult], list[str]]:
             b = row["budget"]
             found.append(RunResult(row["id"], d, row["task"], row["label"],
                                    f"r{b}" if isinstance(b, int) else f"b{b}", int(row["seed"]), r))
+        if waiting:
+            notes.append(f"{sum(waiting.values())} runs of the grid have not started yet ("
+                         + ", ".join(f"{t}: {n}" for t, n in waiting.items()) + ")")
         listed = {row["id"] for row in manifest["runs"]}
         extra = [p.parent.name for p in (root / RUNS_DIR).glob("*/results.json") if p.parent.name not in listed]
         if extra:
