@@ -176,6 +176,7 @@ def test_a_sweep_under_way_lists_started_runs_and_counts_the_rest(sweep_dir):
     """Runs of the grid without a folder have not started: one counted line per sweep, not a line each (a study
     under way has hundreds); a folder without a complete results.json (running, or killed) is listed by id."""
     m = json.loads((sweep_dir / "sweep.json").read_text())
+    m["tuning"] = {"pending_grid_runs": 7}  # a tuned sweep lists a grid run once its settings are chosen
     m["runs"] += [{"id": f"toy-later-r4-s{s}-abcd1234", "task": "toy", "label": "later", "budget": 4, "seed": s}
                   for s in SEEDS] + [{"id": "other-x-r4-s0-abcd1234", "task": "other", "label": "x", "budget": 4,
                                       "seed": 0}]
@@ -184,7 +185,8 @@ def test_a_sweep_under_way_lists_started_runs_and_counts_the_rest(sweep_dir):
     runs, notes = collect(sweep_dir)
     assert len(runs) == 16
     assert notes == ["toy-later-r4-s0-abcd1234: not finished (no complete results.json)",
-                     "4 runs of the grid have not started yet (toy: 3, other: 1)"]
+                     "4 runs of the grid have not started yet (toy: 3, other: 1)",
+                     "7 more grid runs wait for their tuning cells' choices"]
 
 
 def test_report_errors_are_one_line(tmp_path, capsys):

@@ -182,6 +182,9 @@ def collect(sweep_dir: str | os.PathLike) -> tuple[list[RunResult], list[str]]:
         if waiting:
             notes.append(f"{sum(waiting.values())} runs of the grid have not started yet ("
                          + ", ".join(f"{t}: {n}" for t, n in waiting.items()) + ")")
+        pending = int((manifest.get("tuning") or {}).get("pending_grid_runs") or 0)
+        if pending:
+            notes.append(f"{pending} more grid runs wait for their tuning cells' choices")
         listed = {row["id"] for row in manifest["runs"]}
         extra = [p.parent.name for p in (root / RUNS_DIR).glob("*/results.json") if p.parent.name not in listed]
         if extra:
