@@ -186,3 +186,46 @@ def test_v2_sst2_grid_table_in_the_docs_agrees_with_the_runs():
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert (f"smallest Holm-adjusted p {smallest_holm:.2f} over {len(ps)} tests), and AdaLoRA trails it by "
             f"{-max(ada):.1f}-{-min(ada):.1f} points") in readme
+
+
+# ----- study v2: every committed grid run spends its budget and trains at the rate its tuning runs chose ----------
+
+def _argv_value(command: str, flag: str) -> str:
+    argv = command.split()
+    return argv[argv.index(flag) + 1]
+
+
+def test_v2_grid_runs_spend_their_budget_and_use_the_rate_chosen_on_held_out_rows():
+    """Read from the run files alone (not sweep.json's choices): each tuning run's held-out score (split `dev`,
+    the task's metric) picks the rate per task, entry and budget (the highest score; on a tie the smallest rate);
+    a static allocator takes uniform's choice, uniform on q,v's where uniform has no tuning cell (below rank 1).
+    Every committed grid run trained at that rate, was evaluated on the validation split, and ends with LoRA
+    parameters within 2% of its budget."""
+    import yaml
+
+    root = ROOT / "studies" / "glue-minilm-v2"
+    exp = yaml.safe_load((root / "experiment.yaml").read_text())
+    metric = {t: spec.get("metric") or ("eval_pearson" if t == "stsb" else "eval_accuracy")
+              for t, spec in exp["tasks"].items()}
+    scores: dict = {}
+    for f in (root / "tuning").glob("*/results.json"):
+        r = json.loads(f.read_text())
+        task, label, budget = f.parent.name.split("-")[:3]
+        assert r["eval"]["split"] == "dev" and "--eval-on dev" in r["run_info"]["command"], f.parent.name
+        lr = float(_argv_value(r["run_info"]["command"], "--lr"))
+        scores.setdefault((task, label, int(budget[1:])), []).append((lr, r["eval"][metric[task]]))
+    best = {k: max(sorted(v), key=lambda x: x[1])[0] for k, v in scores.items()}
+    share = exp["tune"]["share"]
+    checked = 0
+    for f in (root / "runs").glob("*/results.json"):
+        r = json.loads(f.read_text())
+        task, label, budget = f.parent.name.split("-")[:3]
+        budget = int(budget[1:])
+        assert r["eval"]["split"] == "validation", f.parent.name
+        assert abs(_lora_params(f.parent) / budget - 1) <= 0.02, (f.parent.name, _lora_params(f.parent))
+        owners = [label] if label not in share else share[label]
+        key = next(((task, o, budget) for o in owners if (task, o, budget) in best), None)
+        assert key is not None, f"{f.parent.name}: no tuning run chose its rate"
+        assert float(_argv_value(r["run_info"]["command"], "--lr")) == best[key], (f.parent.name, key, best[key])
+        checked += 1
+    assert checked >= 205  # SST-2's grid at least
