@@ -129,3 +129,105 @@ def test_changing_a_candidate_list_renews_only_the_cells_it_touches(tmp_path, as
     second = {r.id: r for r in load_experiment(_exp(tmp_path / "b", assets, extra=wider)).tuning_runs()}
     assert first <= set(second)  # uniform's cells keep their ids
     assert {r.label for k, r in second.items() if k not in first} == {"depth"}
+
+
+# ----- tune.extend: a best value at the edge of its list gets the next one beyond it --------------------------------
+
+EXTEND = ("tune:\n  candidates: {lr: [1.0e-3, 2.0e-3]}\n  methods: {uniform: {}}\n  extend: {lr: 2}\n"
+          "  seeds: [0, 1]\n  dev_samples: 8\n")
+
+
+def _grow(monkeypatch, exp, loss_of, failed=(), unfinished=()):
+    """tuning_cells with held-out scores planted by lr (no training): each cell's eval_loss is loss_of(lr);
+    lrs in `failed` fail, those in `unfinished` have not finished."""
+    import rankwise.experiments.tuning as tuning
+
+    def planted(cells, out):
+        out = {}
+        for c in cells:
+            lr = c.candidate["lr"]
+            if lr in unfinished:
+                continue
+            out[c.id] = {"failed": True} if lr in failed else {"eval_loss": loss_of(lr), "split": "dev"}
+        return out
+
+    monkeypatch.setattr(tuning, "_scores_on_disk", planted)
+    return tuning.tuning_cells(exp, None)
+
+
+@pytest.mark.parametrize("best,tried,chosen", [
+    # rising to the top: 4e-3 (2e-3 x 2), then 8e-3; the limit (2 beyond the list) stops it there
+    (8.0e-3, [1.0e-3, 2.0e-3, 4.0e-3, 8.0e-3], 8.0e-3),
+    (1.0, [1.0e-3, 2.0e-3, 4.0e-3, 8.0e-3], 8.0e-3),
+    # falling to the bottom: 5e-4, then 2.5e-4, which loses to 5e-4: 5e-4 is no longer at an end
+    (6.0e-4, [2.5e-4, 5.0e-4, 1.0e-3, 2.0e-3], 5.0e-4),
+    # near the bottom but not beyond it: 1e-3 wins (an end), 5e-4 is tried and loses, so 1e-3 stays inside
+    (1.4e-3, [5.0e-4, 1.0e-3, 2.0e-3], 1.0e-3),
+])
+def test_extend_adds_values_beyond_an_end_while_the_end_wins(tmp_path, assets, monkeypatch, best, tried, chosen):
+    import math
+
+    exp = load_experiment(_exp(tmp_path, assets, extra=EXTEND, methods="[uniform]"))
+    cells, choices, table = _grow(monkeypatch, exp, lambda lr: (math.log(lr / best)) ** 2)
+    assert sorted({c.candidate["lr"] for c in cells}) == pytest.approx(tried)
+    assert len(cells) == 2 * len(tried)  # every value on both tuning seeds
+    assert choices == {("toy", "uniform", 2): {"lr": pytest.approx(chosen)}}
+    assert [r["values"]["lr"] for r in table if r.get("chosen")] == [pytest.approx(chosen)]
+
+
+def test_extend_stops_at_a_value_that_fails_and_waits_for_unfinished_cells(tmp_path, assets, monkeypatch):
+    import math
+
+    exp = load_experiment(_exp(tmp_path, assets, extra=EXTEND, methods="[uniform]"))
+    loss = lambda lr: (math.log(lr / 1.0)) ** 2  # noqa: E731 (always wants more)
+    cells, choices, _ = _grow(monkeypatch, exp, loss, failed={4.0e-3})  # 4e-3 diverged: 2e-3 stays the choice
+    assert sorted({c.candidate["lr"] for c in cells}) == [1.0e-3, 2.0e-3, 4.0e-3]
+    assert choices == {("toy", "uniform", 2): {"lr": 2.0e-3}}
+    cells, choices, _ = _grow(monkeypatch, exp, loss, unfinished={4.0e-3})  # not finished: no choice yet
+    assert sorted({c.candidate["lr"] for c in cells}) == [1.0e-3, 2.0e-3, 4.0e-3] and choices == {}
+    assert all(r.pending for r in exp.runs(choices))  # so the grid waits for it
+
+
+@pytest.mark.parametrize("extend,message", [
+    ("  extend: {lora_alpha: 1}\n", "tune.extend.lora_alpha: not a tuned key (tuned: lr)"),
+    ("  extend: {lr: -1}\n", "tune.extend.lr: give how many values may be added beyond each end"),
+    ("  extend: {lr: true}\n", "tune.extend.lr: give how many"),
+])
+def test_bad_extend_fails_with_one_line(tmp_path, assets, extend, message):
+    import re
+
+    with pytest.raises(RankwiseError, match=re.escape(message)) as info:
+        load_experiment(_exp(tmp_path, assets, extra=EXTEND.replace("  extend: {lr: 2}\n", extend),
+                             methods="[uniform]"))
+    assert "\n" not in str(info.value)
+
+
+def test_extend_needs_two_numbers_to_continue_their_spacing(tmp_path, assets):
+    one = EXTEND.replace("[1.0e-3, 2.0e-3]", "[1.0e-3]")
+    with pytest.raises(RankwiseError, match=r"tune.extend.lr: needs at least two positive numbers"):
+        load_experiment(_exp(tmp_path, assets, extra=one, methods="[uniform]"))
+
+
+def test_a_sweep_runs_the_extension_its_tuning_calls_for_and_resumes_without_rerunning(tmp_path, assets):
+    """Real runs: two candidates, one of them is best, so it is at an end and one more value is tried beyond it
+    (limit 1), then the grid trains with the best of the three, read here from the runs' own results.json."""
+    from rankwise.experiments.sweep import sweep
+
+    tune = EXTEND.replace("extend: {lr: 2}", "extend: {lr: 1}").replace("seeds: [0, 1]", "seeds: [0]")
+    exp = _exp(tmp_path, assets, extra=tune, methods="[uniform]")
+    exp.write_text(exp.read_text().replace("max_steps: 60", "max_steps: 8"))
+    out = tmp_path / "out"
+    summary = sweep(exp, out, progress=False)
+    assert summary["failed"] == [] and summary["ran"] == 3 + 1
+    m = _manifest(out)
+    runs = m["tuning"]["runs"]
+    assert len(runs) == 3 and sorted(p.name for p in (out / "tuning").iterdir()) == sorted(r["id"] for r in runs)
+    scores = _scores(out, m["tuning"]["table"])
+    first = max([1.0e-3, 2.0e-3], key=lambda lr: (scores[lr], -[1.0e-3, 2.0e-3].index(lr)))
+    assert set(scores) == {1.0e-3, 2.0e-3, {1.0e-3: 5.0e-4, 2.0e-3: 4.0e-3}[first]}
+    best = max(scores, key=lambda lr: (scores[lr], -list(scores).index(lr)))
+    assert m["tuning"]["choices"][0]["values"] == {"lr": best}
+    args = m["runs"][0]["args"]
+    assert float(args[args.index("--lr") + 1]) == best
+    again = sweep(exp, out, progress=False)
+    assert again["ran"] == 0 and again["skipped"] == 4

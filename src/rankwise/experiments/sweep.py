@@ -30,6 +30,7 @@ from ..types import RankwiseError
 from .launchers import Job, make_launcher
 from .results import MANIFEST, RUNS_DIR, is_finished, write_json_atomic
 from .spec import Experiment, Run, load_experiment
+from .tuning import FAILED, tuning_cells, tuning_state
 
 __all__ = ["sweep", "plan_runs", "planned_params", "format_dry_run", "check_train_flags", "tuning_state",
            "SweepSummary", "FAILED"]
@@ -70,36 +71,8 @@ def plan_runs(exp: Experiment, out: Path, choices: dict | None = None) -> tuple[
     return done, todo
 
 
-def tuning_state(exp: Experiment, out: Path) -> tuple[dict, list[dict]]:
-    """(choices, tuning table) from the tuning cells finished (or failed for good) in `out`."""
-    from .results import load_results
-    from .tuning import select
-
-    scores = {}
-    for run in exp.tuning_runs():
-        d = out / run.folder / run.id
-        if is_finished(d):
-            scores[run.id] = load_results(d)["eval"]
-        elif (out / run.folder / f"{run.id}{FAILED}").is_file():  # diverged at this value: the worst score
-            scores[run.id] = {"failed": True}
-    return select(exp.tune, exp.tuning_runs(), scores, lambda t, evals: _metric(exp, t, evals), _lower_is_better)
-
-
 def _choices(exp: Experiment, out: Path) -> dict:
     return tuning_state(exp, out)[0] if exp.tune is not None else {}
-
-
-def _metric(exp: Experiment, task: str, evals: list[dict]) -> str:
-    """The task's metric for choosing: tasks.T.metric, else the one the report would headline."""
-    from .results import headline_metric
-
-    return headline_metric(task, evals, exp.metrics)
-
-
-def _lower_is_better(metric: str) -> bool:
-    from .results import LOWER_IS_BETTER
-
-    return metric in LOWER_IS_BETTER
 
 
 def _attempt(out: Path, run_id: str, event: str, **extra) -> None:
@@ -116,12 +89,12 @@ def _write_manifest(exp: Experiment, out: Path, command: str) -> None:
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if exp.tune is not None:
-        choices, table = tuning_state(exp, out)
+        cells, choices, table = tuning_cells(exp, out)
         runs = exp.runs(choices)
         manifest["tuning"] = {
             "spec": exp.tune.to_dict(), "table": table,
             "choices": [{"task": t, "label": lab, "budget": b, "values": v} for (t, lab, b), v in choices.items()],
-            "runs": [r.to_dict() for r in exp.tuning_runs()],
+            "runs": [r.to_dict() for r in cells],
             "pending_grid_runs": sum(r.pending for r in runs)}
         manifest["runs"] = [r.to_dict() for r in runs if not r.pending]
     else:
@@ -174,15 +147,18 @@ def sweep(experiment: str | os.PathLike, out: str | os.PathLike, *, jobs: int | 
             # Task by task: its tuning cells, then its grid cells (their settings need the choice); a task's
             # grid starts as soon as its own tuning is done.
             for task in exp.tasks:
-                for phase in ("tune", "grid"):
-                    if phase == "tune":
-                        cells = [r for r in exp.tuning_runs() if r.task == task]
-                    else:
-                        cells = [r for r in exp.runs(_choices(exp, out)) if r.task == task]
-                        summary["pending"] = summary.get("pending", 0) + sum(r.pending for r in cells)
-                        cells = [r for r in cells if not r.pending]
+                tried: set = set()
+                while True:  # tuning cells, then any extensions their results call for (tune.extend)
+                    cells = [r for r in tuning_cells(exp, out)[0] if r.task == task and r.id not in tried]
+                    if not cells:
+                        break
+                    tried |= {r.id for r in cells}
                     _run_cells(cells, out, the_launcher, summary, bar)
                     _write_manifest(exp, out, command)
+                cells = [r for r in exp.runs(_choices(exp, out)) if r.task == task]
+                summary["pending"] = summary.get("pending", 0) + sum(r.pending for r in cells)
+                _run_cells([r for r in cells if not r.pending], out, the_launcher, summary, bar)
+                _write_manifest(exp, out, command)
         finally:
             bar.close()
         return summary
@@ -192,9 +168,6 @@ def sweep(experiment: str | os.PathLike, out: str | os.PathLike, *, jobs: int | 
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         lock.close()
-
-
-FAILED = ".failed.json"  # beside a tuning cell that failed: its candidate scores worst; delete it to retry
 
 
 def _run_cells(cells: list[Run], out: Path, launcher, summary: SweepSummary, bar) -> None:
@@ -340,8 +313,8 @@ def format_dry_run(exp: Experiment, out: Path, tolerance: float = 0.02) -> str:
 
     from .skeleton import layers_of
 
-    choices = _choices(exp, out)
-    cells = [*exp.tuning_runs(), *exp.runs(choices)]
+    tuning, choices, _ = tuning_cells(exp, out) if exp.tune is not None else ([], {}, [])
+    cells = [*tuning, *exp.runs(choices)]
     check_train_flags(cells)
     cache: dict = {}
     rows, unmet, counts = [], [], {"done": 0, "todo": 0, "pending": 0}
@@ -372,6 +345,10 @@ def format_dry_run(exp: Experiment, out: Path, tolerance: float = 0.02) -> str:
     lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"{len(cells)} runs: {counts['done']} finished, {counts['todo']} to run, {counts['pending']} "
                  "waiting for their tuning (n/a: known only after calibration/training; recorded in results.json)")
+    if exp.tune is not None and exp.tune.extend:
+        lines.append("tune.extend: where a best value is the first or last tried, up to "
+                     + ", ".join(f"{n} more {k}" for k, n in exp.tune.extend.items())
+                     + " per end are added once the cells before them finish (not counted above)")
     if unmet:
         lines.append(f"{len(set(unmet))} entries cannot spend their budget within {tolerance:.0%} (the report will "
                      "not compare them): " + "; ".join(sorted(set(unmet))[:6]) + (" ..." if len(set(unmet)) > 6 else ""))

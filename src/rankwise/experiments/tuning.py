@@ -10,11 +10,19 @@
       seeds: [0]                   # tuned on (default [0]); the score is the mean over them
       dev_samples: 500             # rows of each task's training file held out from every run (default 500)
       dev_seed: 0                  # which rows (default 0; never the run's seed)
+      extend: {lr: 2}              # when the best value is the first or last tried, try the next one beyond it
+                                   # (the list's own spacing), up to 2 more per side (default: none)
 
 A tuning cell trains like the grid cell it stands for (same data minus the held-out rows, same budget) and is
 evaluated on the held-out rows with the task's metric; the best candidate (mean over the tuning seeds, ties to the
 first listed) is chosen per (task, method, budget). Candidate keys are training settings that may differ by
 budget (lr, epochs, lora_alpha, ...) or a method's options as `options.NAME`.
+
+A best value at the edge of its list says the optimum may lie beyond it (AdaLoRA's rates on STS-B rose to the
+last of four at every budget). `extend` then adds the next value in the same spacing (4e-3 after 2e-3, 4e-3:
+8e-3; 2.5e-4 below 5e-4, 1e-3) for that (task, method, budget) alone, and again while it wins, up to the limit;
+the same rule for every tuned method, so each gets the same chance to find its optimum. Extension cells are known
+only once the cells before them have finished (`tuning_cells` recomputes them from the results on disk).
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ from .cells import Run, _hashed, apply_values, cell_id
 from .schema import BUDGET_SETTINGS, MethodEntry, resolve_settings
 from .validate import check_keys, fail, mapping, parse_seeds
 
-__all__ = ["TuneSpec", "parse_tune", "select", "TUNE_KEYS", "DEFAULT_DEV_SAMPLES"]
+__all__ = ["TuneSpec", "parse_tune", "select", "tuning_cells", "tuning_state", "TUNE_KEYS", "DEFAULT_DEV_SAMPLES",
+           "FAILED"]
 
-TUNE_KEYS = ("candidates", "methods", "share", "verify", "seeds", "dev_samples", "dev_seed")
+TUNE_KEYS = ("candidates", "methods", "share", "verify", "seeds", "dev_samples", "dev_seed", "extend")
 DEFAULT_DEV_SAMPLES = 500
+FAILED = ".failed.json"  # beside a tuning cell that failed: its candidate scores worst; delete it to retry
 
 
 @dataclass
@@ -43,6 +53,7 @@ class TuneSpec:
     dev_samples: int = DEFAULT_DEV_SAMPLES
     dev_seed: int = 0
     budgets: dict = field(default_factory=dict)  # label -> its budgets in the grid
+    extend: dict = field(default_factory=dict)  # key -> how many values beyond each end of its list may be added
 
     def holdout(self) -> dict:
         return {"dev_samples": self.dev_samples, "dev_seed": self.dev_seed}
@@ -75,19 +86,53 @@ class TuneSpec:
                         e: MethodEntry = entries[label]
                         if budget not in exp.budgets_of(e):
                             continue
-                        for values in self.grid_of(label):
-                            written = {**exp.cell_settings(task, e, budget), "eval_on": "dev"}
-                            written, entry = apply_values(written, e, values)
-                            cell = {"phase": "tune", "task": task, "settings": _hashed(written),
-                                    "entry": entry.canonical(), "budget": budget, "seed": seed}
-                            out.append(Run(cell_id(task, label, budget, seed, cell), task, label, entry, budget,
-                                           seed, resolve_settings(written, exp.path.parent), phase="tune",
-                                           candidate=values))
+                        out += [self._cell(exp, task, e, budget, seed, values) for values in self.grid_of(label)]
         return out
+
+    def _cell(self, exp, task: str, e: MethodEntry, budget, seed: int, values: dict) -> Run:
+        written = {**exp.cell_settings(task, e, budget), "eval_on": "dev"}
+        written, entry = apply_values(written, e, values)
+        cell = {"phase": "tune", "task": task, "settings": _hashed(written), "entry": entry.canonical(),
+                "budget": budget, "seed": seed}
+        return Run(cell_id(task, e.label, budget, seed, cell), task, e.label, entry, budget, seed,
+                   resolve_settings(written, exp.path.parent), phase="tune", candidate=values)
+
+    def extensions(self, exp, cells: list, choices: dict) -> list:
+        """Cells to add where a chosen value of an `extend` key is the first or last tried (with the other keys
+        as chosen) and fewer than the limit lie beyond that end of the written list: the next value, spaced as
+        the last two tried, for every tuning seed."""
+        entries = {e.label: e for e in exp.entries}
+        new = []
+        for (task, label, budget), best in choices.items():
+            for key, limit in self.extend.items():
+                if key not in best:
+                    continue
+                others = {k: v for k, v in best.items() if k != key}
+                tried = sorted({c.candidate[key] for c in cells if (c.task, c.label, c.budget) == (task, label, budget)
+                                and all(c.candidate.get(k) == v for k, v in others.items())})
+                written = {**self.candidates, **self.methods.get(label, {})}.get(key) or [best[key]]
+                for edge, near, beyond in ((tried[-1], tried[-2:-1], [v for v in tried if v > max(written)]),
+                                           (tried[0], tried[1:2], [v for v in tried if v < min(written)])):
+                    if best[key] != edge or not near or len(beyond) >= limit:
+                        continue
+                    value = _next_value(edge, near[0])
+                    new += [self._cell(exp, task, entries[label], budget, seed, {**best, key: value})
+                            for seed in self.seeds]
+        return new
 
     def to_dict(self) -> dict:
         return {"candidates": self.candidates, "methods": self.methods, "share": self.share, "verify": self.verify,
-                "seeds": self.seeds, "dev_samples": self.dev_samples, "dev_seed": self.dev_seed}
+                "seeds": self.seeds, "dev_samples": self.dev_samples, "dev_seed": self.dev_seed,
+                **({"extend": self.extend} if self.extend else {})}
+
+
+def _next_value(edge, near):
+    """One step beyond `edge`, away from `near`, in their ratio (2e-3, 4e-3 -> 8e-3), rounded to 6 digits so that
+    the value written into the cell (and its id) does not carry float noise; whole numbers stay whole."""
+    value = edge * (edge / near)
+    if isinstance(edge, int) and isinstance(near, int):
+        return int(round(value)) if int(round(value)) != edge else edge + (edge - near)
+    return float(f"{value:.6g}")
 
 
 def _candidates(raw, where: str) -> dict:
@@ -156,12 +201,34 @@ def parse_tune(raw, exp) -> TuneSpec | None:
         if not isinstance(names, list) or not all(n in share for n in names):
             fail(f"tune.verify.{task}", f"give labels that share a choice (tune.share), got {names!r}")
         verify[str(task)] = list(names)
+    extend = _extend(raw.get("extend"), candidates, methods)
     seeds = parse_seeds(raw.get("seeds", [0]), "tune.seeds")
     n, dev_seed = raw.get("dev_samples", DEFAULT_DEV_SAMPLES), raw.get("dev_seed", 0)
     for key, value, lo in (("dev_samples", n, 1), ("dev_seed", dev_seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             fail(f"tune.{key}", f"must be an integer >= {lo}, got {value!r}")
-    return TuneSpec(candidates, methods, share, verify, seeds, n, dev_seed, budgets)
+    return TuneSpec(candidates, methods, share, verify, seeds, n, dev_seed, budgets, extend)
+
+
+def _extend(raw, candidates: dict, methods: dict) -> dict:
+    """tune.extend: {key: how many values beyond each end}, for tuned keys whose candidates are positive numbers,
+    at least two for every method that tunes the key (the next value continues their spacing)."""
+    out = {}
+    for key, limit in mapping(raw, "tune.extend").items():
+        w = f"tune.extend.{key}"
+        lists = [own.get(key, candidates.get(key)) for own in methods.values()]
+        lists = [x for x in lists if x is not None]
+        if not lists:
+            tuned = dict.fromkeys([*candidates, *(k for own in methods.values() for k in own)])
+            fail(w, f"not a tuned key (tuned: {', '.join(tuned)})")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            fail(w, f"give how many values may be added beyond each end (an integer >= 0), got {limit!r}")
+        for values in lists:
+            if len(values) < 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                                          for x in values):
+                fail(w, f"needs at least two positive numbers to continue their spacing, got {values}")
+        out[str(key)] = limit
+    return out
 
 
 def select(spec: TuneSpec, cells: list, scores: dict, metric_of, lower_is_better) -> tuple[dict, list[dict]]:
@@ -198,3 +265,46 @@ def select(spec: TuneSpec, cells: list, scores: dict, metric_of, lower_is_better
             choices[(task, label, budget)] = rows[best]["values"]
         table += rows
     return choices, table
+
+
+# ----- state on disk: which tuning cells exist, which finished, what they chose -----------------------------------
+
+def tuning_cells(exp, out) -> tuple[list, dict, list[dict]]:
+    """(every tuning cell, extensions included, the choices, the tuning table) from the results in `out`.
+    Extensions depend on results: add them while finished cells call for more (each is known once the cells
+    before it have finished; the ids hash the values, so a resumed sweep finds the same cells)."""
+    from .results import LOWER_IS_BETTER, headline_metric
+
+    cells = exp.tuning_runs()
+    while True:
+        if exp.tune is None:
+            return cells, {}, []
+        choices, table = select(exp.tune, cells, _scores_on_disk(cells, out),
+                                lambda t, evals: headline_metric(t, evals, exp.metrics), lambda m: m in LOWER_IS_BETTER)
+        known = {c.id for c in cells}
+        new = [c for c in exp.tune.extensions(exp, cells, choices) if c.id not in known]
+        if not new:
+            return cells, choices, table
+        cells = cells + list({c.id: c for c in new}.values())
+
+
+def tuning_state(exp, out) -> tuple[dict, list[dict]]:
+    """(choices, tuning table) from the tuning cells finished (or failed for good) in `out`."""
+    return tuning_cells(exp, out)[1:]
+
+
+def _scores_on_disk(cells: list, out) -> dict:
+    """Run id -> its held-out eval dict for each finished cell; {"failed": True} for one that failed for good
+    (it diverged at this value: the worst score)."""
+    from pathlib import Path
+
+    from .results import is_finished, load_results
+
+    scores = {}
+    for run in cells:
+        d = Path(out) / run.folder / run.id
+        if is_finished(d):
+            scores[run.id] = load_results(d)["eval"]
+        elif (Path(out) / run.folder / f"{run.id}{FAILED}").is_file():
+            scores[run.id] = {"failed": True}
+    return scores
