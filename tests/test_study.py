@@ -95,10 +95,18 @@ def test_report_regenerates_from_the_committed_results(tmp_path, study):
 
 # ----- study v2: the tuning table docs/study.md quotes ----------------------------------------------------------
 
+V2_WRITTEN = (5.0e-4, 1.0e-3, 2.0e-3, 4.0e-3)  # the experiment file's lr list; tune.extend adds values beyond it
+
+
+def _best(tried: list) -> tuple:
+    """(lr, score) with the highest score; on a tie the experiment's rule, ties to the first listed: a written
+    candidate (listed in ascending order, so the smallest) before an added one."""
+    return max(tried, key=lambda x: (x[1], x[0] in V2_WRITTEN, -x[0]))
+
+
 def _v2_tuning_choices(root: Path) -> dict:
     """(task, label, budget) -> (lr, held-out score) of the best tuning run, read from each tuning run's own
-    results.json and command line (not from sweep.json's table): the highest score, on a tie the first candidate
-    (the smallest rate, as the tune: lists are sorted)."""
+    results.json and command line (not from sweep.json's table), by `_best`."""
     runs: dict = {}
     for f in (root / "tuning").glob("*/results.json"):
         r = json.loads(f.read_text())
@@ -108,7 +116,7 @@ def _v2_tuning_choices(root: Path) -> dict:
         argv = r["run_info"]["command"].split()
         lr = float(argv[argv.index("--lr") + 1])
         runs.setdefault((task, label, budget.lstrip("b")), []).append((lr, r["eval"]["eval_accuracy"]))
-    return {k: max(sorted(v), key=lambda x: x[1]) for k, v in runs.items()}
+    return {k: _best(v) for k, v in runs.items()}
 
 
 def test_v2_tuning_table_in_the_docs_agrees_with_the_tuning_runs():
@@ -134,13 +142,23 @@ def test_v2_tuning_table_in_the_docs_agrees_with_the_tuning_runs():
 
 # ----- study v2: SST-2's grid table and its Holm claim in docs/study.md ------------------------------------------
 
+def _v2_current_runs() -> list[Path]:
+    """The grid runs of the current grid (sweep.json's list) that have finished: a run whose tuned rate changed
+    (a new tuning cell won) has a new id, and the old folder is not part of the study."""
+    root = ROOT / "studies" / "glue-minilm-v2"
+    ids = [row["id"] for row in json.loads((root / "sweep.json").read_text())["runs"]]
+    return [root / "runs" / i for i in ids if (root / "runs" / i / "results.json").is_file()]
+
+
 def _v2_grid(task: str, metric: str) -> dict:
-    """(label, budget, seed) -> metric, read from each grid run's results.json (run folders are named
+    """(label, budget, seed) -> metric, read from each current grid run's results.json (run folders are named
     task-label-bBUDGET-sSEED-hash)."""
     out = {}
-    for f in (ROOT / "studies" / "glue-minilm-v2" / "runs").glob(f"{task}-*/results.json"):
-        _, label, budget, seed = f.parent.name.split("-")[:4]
-        out[(label, int(budget[1:]), int(seed[1:]))] = float(json.loads(f.read_text())["eval"][metric])
+    for d in _v2_current_runs():
+        t, label, budget, seed = d.name.split("-")[:4]
+        if t == task:
+            value = json.loads((d / "results.json").read_text())["eval"][metric]
+            out[(label, int(budget[1:]), int(seed[1:]))] = float(value)
     return out
 
 
@@ -214,10 +232,12 @@ def test_v2_grid_runs_spend_their_budget_and_use_the_rate_chosen_on_held_out_row
         assert r["eval"]["split"] == "dev" and "--eval-on dev" in r["run_info"]["command"], f.parent.name
         lr = float(_argv_value(r["run_info"]["command"], "--lr"))
         scores.setdefault((task, label, int(budget[1:])), []).append((lr, r["eval"][metric[task]]))
-    best = {k: max(sorted(v), key=lambda x: x[1])[0] for k, v in scores.items()}
+    best = {k: _best(v)[0] for k, v in scores.items()}
+    assert tuple(exp["tune"]["candidates"]["lr"]) == V2_WRITTEN
     share = exp["tune"]["share"]
     checked = 0
-    for f in (root / "runs").glob("*/results.json"):
+    for d in _v2_current_runs():
+        f = d / "results.json"
         r = json.loads(f.read_text())
         task, label, budget = f.parent.name.split("-")[:3]
         budget = int(budget[1:])
@@ -229,3 +249,30 @@ def test_v2_grid_runs_spend_their_budget_and_use_the_rate_chosen_on_held_out_row
         assert float(_argv_value(r["run_info"]["command"], "--lr")) == best[key], (f.parent.name, key, best[key])
         checked += 1
     assert checked >= 205  # SST-2's grid at least
+
+
+def test_v2_sst2_end_choices_were_extended_and_the_extensions_lost():
+    """docs/study.md: on SST-2 seven choices over the written list sat at an end; each got one value beyond it
+    (tune.extend), which scored lower, so every SST-2 choice stands. From the tuning runs' own files."""
+    root = ROOT / "studies" / "glue-minilm-v2"
+    tried: dict = {}
+    for f in (root / "tuning").glob("sst2-*/results.json"):
+        r = json.loads(f.read_text())
+        _, label, budget = f.parent.name.split("-")[:3]
+        tried.setdefault((label, budget), {})[float(_argv_value(r["run_info"]["command"], "--lr"))] = \
+            r["eval"]["eval_accuracy"]
+    at_end = 0
+    for key, scores in tried.items():
+        written = {lr: v for lr, v in scores.items() if lr in V2_WRITTEN}
+        assert sorted(written) == list(V2_WRITTEN), key
+        best = _best(list(written.items()))[0]
+        extra = sorted(set(scores) - set(written))
+        if best in (V2_WRITTEN[0], V2_WRITTEN[-1]):
+            at_end += 1
+            beyond = best * 2 if best == V2_WRITTEN[-1] else best / 2
+            assert extra == [pytest.approx(beyond)], (key, extra)
+            assert scores[extra[0]] < scores[best], key  # the extension lost: the choice stands
+        else:
+            assert extra == [], key  # an inside choice is never extended
+    assert at_end == 7
+    assert "On SST-2 seven choices sat at an end" in (ROOT / "docs" / "study.md").read_text()
