@@ -300,3 +300,42 @@ def test_v2_end_choices_were_extended_as_the_docs_say():
     a, b, q = tried[("adalora", 9216)], tried[("adalora", 41472)], tried[("uniform_qv", 9216)]
     assert (f"from {a[4e-3]:.3f} to {a[8e-3]:.3f} and {b[4e-3]:.3f} to {b[8e-3]:.3f} on the held-out rows; "
             f"q,v at 9,216, {q[4e-3]:.3f} to {q[8e-3]:.3f})") in text
+
+
+def test_v2_report_regenerates_the_efficiency_and_tuning_tables_from_the_committed_files(tmp_path):
+    """`rankwise report` on the committed v2 folder: SST-2's efficiency table equals one computed here from the
+    runs (uniform's best mean less its t half-width is the bar; each entry's smallest budget whose mean clears it,
+    by its real LoRA parameters), and every tuning choice it marks equals the tuning runs' own best."""
+    root = ROOT / "studies" / "glue-minilm-v2"
+    out = tmp_path / "report"
+    assert main(["report", str(root), "--out", str(out), "--no-figures"]) == 0
+    md = (out / "report.md").read_text()
+    runs: dict = {}
+    for d in _v2_current_runs():
+        task, label, budget, _ = d.name.split("-")[:4]
+        if task == "sst2":
+            runs.setdefault(label, {}).setdefault(_lora_params(d), []).append(_metric(d, "eval_accuracy"))
+    means = {lab: {p: float(np.mean(v)) for p, v in by.items()} for lab, by in runs.items()}
+    best_p = max(means["uniform"], key=means["uniform"].get)
+    v = runs["uniform"][best_p]
+    bar = np.mean(v) - stats.t.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v))
+    section = md.split("### sst2: bar ")[1].split("\n\n")[1]
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in section.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| method")}
+    assert md.split("### sst2: bar ")[1].startswith(f"{bar:.4f} (uniform's best {means['uniform'][best_p]:.4f} at "
+                                                     f"{best_p:,} parameters")
+    assert set(rows) == set(means)
+    for label, by in means.items():
+        hit = next((p for p in sorted(by) if by[p] >= bar), None)
+        if hit is None:
+            assert rows[label][0] == "never", label
+        else:
+            assert rows[label][:3] == [f"{hit:,}", f"{by[hit]:.4f}", f"{best_p - hit:,}"], (label, rows[label])
+    # the tuning table: each chosen (bold) candidate is the best of the tuning runs' own scores (SST-2's accuracy)
+    choices = _v2_tuning_choices(root)
+    bold = [ln for ln in md.split("## Tuning:")[1].split("### The sharing")[0].splitlines()
+            if ln.startswith("| sst2 |") and "**" in ln]
+    assert len(bold) == len(choices)
+    for ln in bold:
+        _, task, label, budget, lr, _, score = [c.strip() for c in ln.strip().split("|")[:7]]
+        assert (float(lr), float(score.strip("*"))) == pytest.approx(choices[(task, label, budget)], abs=5e-5)
