@@ -98,3 +98,17 @@ def test_glance_pairs_every_entry_with_its_budgets_reference():
     # Holm: the smaller of two p-values times 2
     assert (f"2 comparisons with a test, 1 of them with an interval that excludes zero; the smallest Holm-adjusted "
             f"p is {2 * p2:.3f} (x at b2)") in md
+
+
+def test_tuning_table_lists_values_in_order_and_marks_the_extended_ones():
+    from rankwise.experiments.curves import _tuning_md
+
+    row = lambda lr, score, **kw: {"task": "t", "label": "uniform", "budget": 2, "values": {"lr": lr},  # noqa: E731
+                                   "metric": "eval_accuracy", "score": score, "failed": False, **kw}
+    tuning = {"spec": {"candidates": {"lr": [5.0e-4, 1.0e-3]}, "methods": {"uniform": {}}, "dev_samples": 8},
+              # as the sweep appends them: the written list, then 2.5e-4 (5e-4 won, at the bottom end)
+              "table": [row(5.0e-4, 0.8, chosen=True), row(1.0e-3, 0.7), row(2.5e-4, 0.75)]}
+    lines = [ln for ln in _tuning_md(tuning) if ln.startswith("| t |")]
+    assert lines == ["| t | uniform | 2 | 0.00025 (extended) | eval_accuracy | 0.7500 |",
+                     "| t | uniform | 2 | 0.0005 | eval_accuracy | **0.8000** |",
+                     "| t | uniform | 2 | 0.001 | eval_accuracy | 0.7000 |"]

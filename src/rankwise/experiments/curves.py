@@ -168,14 +168,18 @@ def _tuning_md(tuning: dict) -> list[str]:
     out = ["## Tuning: every candidate on the held-out training rows", "",
            f"Each candidate trained on the training rows minus {tuning['spec'].get('dev_samples')} held-out rows "
            f"(seeds {tuning['spec'].get('seeds')}) and was scored on those rows; the validation split the tables "
-           "report was never used. Chosen: bold.", "",
+           "report was never used. Chosen: bold. `(extended)`: a value beyond the written list, tried because "
+           "the best was at that end (tune.extend).", "",
            "| task | method | budget | " + " | ".join(keys) + " | metric | score |",
            "|---|---|---|" + "---|" * len(keys) + "---|---:|"]
-    for r in table:
+    spec = tuning.get("spec") or {}
+    for r in _in_value_order(table):
         score = "failed" if r.get("failed") else "–" if r["score"] is None else f"{r['score']:.4f}"
         if r.get("chosen"):
             score = f"**{score}**"
-        vals = " | ".join(str(r["values"].get(k, "")) for k in keys)
+        written = {**(spec.get("candidates") or {}), **((spec.get("methods") or {}).get(r["label"]) or {})}
+        vals = " | ".join(str(r["values"].get(k, "")) + (" (extended)" if k in written and k in r["values"] and
+                                                         r["values"][k] not in written[k] else "") for k in keys)
         out.append(f"| {r['task']} | {r['label']} | {r['budget']} | {vals} | {r['metric'] or '–'} | {score} |")
     out.append("")
     share = sharing_rows(tuning)
@@ -187,6 +191,20 @@ def _tuning_md(tuning: dict) -> list[str]:
         out += [f"| {r['task']} | {r['label']} | {r['budget']} | {r['own']} | {r['shared']} |" for r in share]
         out.append("")
     return out
+
+
+def _in_value_order(table: list[dict]) -> list[dict]:
+    """The table with each (task, method, budget)'s rows sorted by their values (extensions are appended last
+    when they run; 2.5e-4 belongs before 5e-4); groups keep their order."""
+    groups: dict = {}
+    for r in table:
+        groups.setdefault((r["task"], r["label"], str(r["budget"])), []).append(r)
+
+    def key(r):  # numbers by value, anything else (an option's string) after them, by its text
+        return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+                     for _, v in sorted(r["values"].items()))
+
+    return [r for rows in groups.values() for r in sorted(rows, key=key)]
 
 
 def _figures(cells, tuning: dict | None, out: Path) -> list[str]:
