@@ -350,3 +350,23 @@ def test_sigkilled_two_job_sweep_and_a_failed_cell_resume(tmp_path, assets):
     _check_resumed(out, exp, finished, stamps)
     ids = [r["id"] for r in json.loads((out / "sweep.json").read_text())["runs"]]
     assert failed == set(ids)  # every cell failed once, then was retried and finished
+
+
+def test_dry_run_says_where_each_task_stands(tmp_path, assets, capsys):
+    """Two tasks, one of them with a finished run: the last line counts each task's runs (a long study's
+    progress at a glance); one task alone gets no such line."""
+    exp = write_exp(tmp_path / "exp.yaml", assets, methods="[uniform, depth]")
+    text = exp.read_text()
+    toy = next(ln for ln in text.splitlines() if ln.startswith("  toy: "))
+    exp.write_text(text.replace(toy, toy + "\n" + toy.replace("toy:", "other:")))
+    out = tmp_path / "out"
+    assert main(["sweep", str(exp), "--out", str(out), "--dry-run"]) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert first[-1] == "by task: toy 0 finished, 2 to run, 0 waiting; other 0 finished, 2 to run, 0 waiting"
+    done = next(ln.split()[0] for ln in first if ln.startswith("other-uniform-"))
+    (out / "runs" / done).mkdir(parents=True)
+    # any complete results.json marks a run finished: a committed one of the decoder study will do
+    study = Path(__file__).resolve().parents[1] / "studies" / "smollm2-alpaca" / "runs"
+    (out / "runs" / done / "results.json").write_text(next(study.glob("*/results.json")).read_text())
+    assert main(["sweep", str(exp), "--out", str(out), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("other 1 finished, 1 to run, 0 waiting")

@@ -317,7 +317,7 @@ def format_dry_run(exp: Experiment, out: Path, tolerance: float = 0.02) -> str:
     cells = [*tuning, *exp.runs(choices)]
     check_train_flags(cells)
     cache: dict = {}
-    rows, unmet, counts = [], [], {"done": 0, "todo": 0, "pending": 0}
+    rows, unmet, counts, by_task = [], [], {"done": 0, "todo": 0, "pending": 0}, {}
     for run in cells:
         layers = layers_of(run.settings["model"], run.settings.get("targets"))
         b = parse_budget(None if isinstance(run.budget, int) else run.budget, layers,
@@ -335,6 +335,8 @@ def format_dry_run(exp: Experiment, out: Path, tolerance: float = 0.02) -> str:
                 note += f" (outside {tolerance:.0%})"
         status = "pending" if run.pending else "done" if is_finished(out / run.folder / run.id) else "todo"
         counts[status] += 1
+        task_counts = by_task.setdefault(run.task, {"done": 0, "todo": 0, "pending": 0})
+        task_counts[status] += 1
         values = ",".join(f"{k}={v}" for k, v in run.candidate.items())
         rows.append((run.id if not run.pending else f"{run.task}-{run.label}-{run.budget_label}-s{run.seed}",
                      status, f"{b.params:,}", "n/a" if spent is None else f"{spent:,}", note or "-", run.phase,
@@ -345,6 +347,9 @@ def format_dry_run(exp: Experiment, out: Path, tolerance: float = 0.02) -> str:
     lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"{len(cells)} runs: {counts['done']} finished, {counts['todo']} to run, {counts['pending']} "
                  "waiting for their tuning (n/a: known only after calibration/training; recorded in results.json)")
+    if len(by_task) > 1:  # a long study: where each task stands
+        lines.append("by task: " + "; ".join(f"{t} {c['done']} finished, {c['todo']} to run, {c['pending']} waiting"
+                                              for t, c in by_task.items()))
     if exp.tune is not None and exp.tune.extend:
         lines.append("tune.extend: where a best value is the first or last tried, up to "
                      + ", ".join(f"{n} more {k}" for k, n in exp.tune.extend.items())
