@@ -162,21 +162,23 @@ def _v2_grid(task: str, metric: str) -> dict:
     return out
 
 
-def test_v2_sst2_grid_table_in_the_docs_agrees_with_the_runs():
-    md = (ROOT / "docs" / "study.md").read_text()
-    section = md.split("### SST-2's grid: what the numbers show")[1].split("\n- ")[0]
+def _check_v2_grid_table(md: str, title: str, task: str, metric: str) -> tuple[dict, dict, list, list]:
+    """A task's grid table in docs/study.md (under `title`: the reference's mean ± std, then each entry's paired
+    difference with its 95% t interval, in points = metric x 100), every cell recomputed from the current runs.
+    Returns (runs, reference label per budget, budgets, the p-values of the tested comparisons)."""
+    section = md.split(title)[1].split("\n- ")[0]
     rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in section.splitlines()
             if ln.startswith("| ") and not ln.startswith("| ---")]
     header, rows = rows[0], rows[1:]
     budgets = [int(b.replace(",", "")) for b in header[1:]]
-    runs, seeds = _v2_grid("sst2", "eval_accuracy"), range(5)
+    runs, seeds = _v2_grid(task, metric), range(5)
     ref = {b: "uniform" if ("uniform", b, 0) in runs else "uniform_qv" for b in budgets}
     assert rows[0][0] == "reference" and len(rows) == 11
     for b, cell in zip(budgets, rows[0][1:]):  # "80.41 ± 0.65 (q,v)": mean ± sample standard deviation
         v = 100 * np.array([runs[(ref[b], b, s)] for s in seeds])
         mean, sd = (float(x) for x in cell.split(" (")[0].split(" ± "))
         assert (mean, sd) == pytest.approx((v.mean(), v.std(ddof=1)), abs=0.006), (b, cell)
-    ps, checked = [], 0
+    ps = []
     for label, *cells in rows[1:]:
         for b, cell in zip(budgets, cells):
             if cell == "-":
@@ -190,8 +192,15 @@ def test_v2_sst2_grid_table_in_the_docs_agrees_with_the_runs():
             got = [float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split()]
             assert got == pytest.approx([d.mean(), d.mean() - half, d.mean() + half], abs=0.006), (label, b, cell)
             ps.append(stats.ttest_1samp(d, 0.0).pvalue)
-            checked += 1
-    assert checked == 30
+    return runs, ref, budgets, ps
+
+
+def test_v2_sst2_grid_table_in_the_docs_agrees_with_the_runs():
+    md = (ROOT / "docs" / "study.md").read_text()
+    runs, ref, budgets, ps = _check_v2_grid_table(md, "### SST-2's grid: what the numbers show", "sst2",
+                                                  "eval_accuracy")
+    seeds = range(5)
+    assert len(ps) == 30
     # the prose: 30 tested comparisons, three intervals exclude zero, Holm leaves none below 0.40
     text = md.split("### SST-2's grid: what the numbers show")[1].split("## Reproduce v2")[0]
     assert "Of SST-2's 30 tested comparisons, three" in text and "leaves none below 0.40" in text
