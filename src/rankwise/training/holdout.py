@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from ..types import RankwiseError
 
-__all__ = ["EVAL_ON", "hold_out"]
+__all__ = ["EVAL_ON", "hold_out", "check_eval_on"]
 
 EVAL_ON = ("validation", "dev")
+
+
+def check_eval_on(eval_on: str, dev_samples: int | None) -> None:
+    """--eval-on names a split, and dev needs rows to hold out (checked before any data is read)."""
+    if eval_on not in EVAL_ON:
+        raise RankwiseError(f"--eval-on must be one of {', '.join(EVAL_ON)}, got {eval_on!r}")
+    if eval_on == "dev" and not dev_samples:
+        raise RankwiseError("--eval-on dev evaluates on held-out training rows: give --dev-samples N")
 
 
 def hold_out(train, n: int, dev_seed: int = 0):

@@ -17,7 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
+from ..outputs import check_out
 from ..types import RankwiseError
+from .holdout import check_eval_on
 from .prepare import (
     add_labels,
     clean_metrics,
@@ -60,20 +62,6 @@ def default_out(model: str, task: str) -> Path:
     return Path("runs") / f"{Path(str(model)).name}-{task}-{stamp}"
 
 
-def _check_out(out: Path, overwrite: bool, protected=()) -> None:
-    """--out may be written (see rankwise.outputs.check_out: never cwd, an ancestor, or the run's inputs)."""
-    from ..outputs import check_out
-
-    check_out(out, overwrite, protected=protected)
-
-
-def _finish(tmp: Path, out: Path) -> None:
-    """Replace `out` with the finished temp folder, so a crash never leaves a half-written run."""
-    from ..outputs import replace_dir
-
-    replace_dir(tmp, out)
-
-
 def _check_numbers(**values) -> None:
     """Every numeric argument finite and in range, before any data is read or model loaded (API and CLI alike)."""
     from ..parsing import check_number
@@ -88,15 +76,6 @@ def _check_numbers(**values) -> None:
              "dev_samples": dict(lo=1, integer=True), "dev_seed": dict(lo=0, hi=2**32 - 1, integer=True)}
     for name, value in values.items():
         check_number(f"--{name.replace('_', '-')}", value, **rules[name])
-
-
-def _check_eval_on(eval_on: str, dev_samples: int | None) -> None:
-    from .holdout import EVAL_ON
-
-    if eval_on not in EVAL_ON:
-        raise RankwiseError(f"--eval-on must be one of {', '.join(EVAL_ON)}, got {eval_on!r}")
-    if eval_on == "dev" and not dev_samples:
-        raise RankwiseError("--eval-on dev evaluates on held-out training rows: give --dev-samples N")
 
 
 def _absolute(model_path: str) -> str:
@@ -190,7 +169,7 @@ def train_model(
                    lora_dropout=lora_dropout, validation_split=validation_split, max_train_samples=max_train_samples,
                    max_eval_samples=max_eval_samples, max_length=max_length, seed=seed, budget_rank=budget_rank,
                    rank=rank, dev_samples=dev_samples, dev_seed=dev_seed)
-    _check_eval_on(eval_on, dev_samples)
+    check_eval_on(eval_on, dev_samples)
     from ..methods import MethodContext, get_method
     from .pairs import check_pair_encoding, separate_pairs
 
@@ -208,7 +187,8 @@ def train_model(
         opts = TrainOptions(grad_accum, warmup_ratio, weight_decay, scheduler, bf16, fp16, save_steps,
                             save_total_limit, eval_steps, report_to, train_args or {}).check(dev)
         out = Path(out) if out is not None else default_out(model, task)
-        _check_out(out, overwrite, [model_path, data, plan if isinstance(plan, (str, os.PathLike)) else None])
+        # never cwd, an ancestor, or one of the run's inputs (rankwise.outputs.check_out)
+        check_out(out, overwrite, protected=[model_path, data, plan if isinstance(plan, (str, os.PathLike)) else None])
         resume_from = start_checkpoints(out, settings, opts, the_method, resume=resume, overwrite=overwrite)
         s = _prepare(model_path, data, task, text_columns, label_column, validation_split, max_train_samples,
                      max_eval_samples, max_length, seed, label_names, drop_empty, pair_encoding,
