@@ -73,13 +73,14 @@ def select(scores: torch.Tensor, budget: int, costs: torch.Tensor | None = None,
         return mask(scores, threshold(scores, budget, costs))
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     cost = costs.tolist()
-    kept, left = _greedy(order, cost, int(budget), set())
+    cheapest = min(cost, default=0)
+    kept, left = _greedy(order, cost, cheapest, int(budget), set())
     for _ in range(8):
         trials = []
         for c in {cost[i] for i in kept if cost[i] > left}:
             back = next(i for i in reversed(order) if i in kept and cost[i] == c)
             for below in (float("inf"), c):  # refill with any triplet, or only cheaper ones (not wide for wide)
-                trial, rest = _greedy(order, cost, left + c, kept - {back}, skip=back, below=below)
+                trial, rest = _greedy(order, cost, cheapest, left + c, kept - {back}, skip=back, below=below)
                 trials.append((rest, trial))
         best = min(trials, key=lambda t: t[0], default=None)
         if best is None or best[0] >= left:
@@ -91,12 +92,11 @@ def select(scores: torch.Tensor, budget: int, costs: torch.Tensor | None = None,
     return keep
 
 
-def _greedy(order: list[int], cost: list, left: int, kept: set, skip: int = -1,
+def _greedy(order: list[int], cost: list, cheapest: int, left: int, kept: set, skip: int = -1,
             below: float = float("inf")) -> tuple[set, int]:
     """Walk `order` adding every triplet not yet kept whose cost fits what is left (and is under `below`);
-    (kept, what is left)."""
+    (kept, what is left). `cheapest` (the smallest cost) ends the walk once nothing more can fit."""
     kept = set(kept)
-    cheapest = min(cost, default=0)
     for i in order:
         if left < cheapest:
             break
