@@ -317,7 +317,7 @@ def format_dry_run(exp: Experiment, out: Path, tolerance: float = 0.02) -> str:
     cells = [*tuning, *exp.runs(choices)]
     check_train_flags(cells)
     cache: dict = {}
-    rows, unmet, counts, by_task = [], [], {"done": 0, "todo": 0, "pending": 0}, {}
+    rows, unmet, by_task = [], [], {}
     for run in cells:
         layers = layers_of(run.settings["model"], run.settings.get("targets"))
         b = parse_budget(None if isinstance(run.budget, int) else run.budget, layers,
@@ -334,9 +334,7 @@ def format_dry_run(exp: Experiment, out: Path, tolerance: float = 0.02) -> str:
                 unmet.append(f"{run.label} at {run.budget_label} on {run.task}: spends {spent:,} of {b.params:,}")
                 note += f" (outside {tolerance:.0%})"
         status = "pending" if run.pending else "done" if is_finished(out / run.folder / run.id) else "todo"
-        counts[status] += 1
-        task_counts = by_task.setdefault(run.task, {"done": 0, "todo": 0, "pending": 0})
-        task_counts[status] += 1
+        by_task.setdefault(run.task, {"done": 0, "todo": 0, "pending": 0})[status] += 1
         values = ",".join(f"{k}={v}" for k, v in run.candidate.items())
         rows.append((run.id if not run.pending else f"{run.task}-{run.label}-{run.budget_label}-s{run.seed}",
                      status, f"{b.params:,}", "n/a" if spent is None else f"{spent:,}", note or "-", run.phase,
@@ -345,6 +343,7 @@ def format_dry_run(exp: Experiment, out: Path, tolerance: float = 0.02) -> str:
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(head, widths)).rstrip()]
     lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    counts = {k: sum(c[k] for c in by_task.values()) for k in ("done", "todo", "pending")}
     lines.append(f"{len(cells)} runs: {counts['done']} finished, {counts['todo']} to run, {counts['pending']} "
                  "waiting for their tuning (n/a: known only after calibration/training; recorded in results.json)")
     if len(by_task) > 1:  # a long study: where each task stands
