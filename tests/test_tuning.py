@@ -231,3 +231,91 @@ def test_a_sweep_runs_the_extension_its_tuning_calls_for_and_resumes_without_rer
     assert float(args[args.index("--lr") + 1]) == best
     again = sweep(exp, out, progress=False)
     assert again["ran"] == 0 and again["skipped"] == 4
+
+
+# ----- share: [uniform, own]: uniform's choice where uniform runs, tuned on its own elsewhere -----------------------
+
+OWN_TUNE = ("tune:\n  candidates: {lr: [1.0e-3, 2.0e-3, 4.0e-3]}\n  methods: {uniform: {}}\n"
+            "  share: {depth: [uniform, own]}\n  dev_samples: 8\n")
+OWN_METHODS = "[{strategy: uniform, budgets: [4]}, depth]"
+
+
+def _planted_by_label(monkeypatch, exp, best_of):
+    """tuning_cells with each label's held-out loss lowest at its own planted rate best_of[label]."""
+    import math
+
+    import rankwise.experiments.tuning as tuning
+
+    monkeypatch.setattr(tuning, "_scores_on_disk", lambda cells, out: {
+        c.id: {"eval_loss": math.log(c.candidate["lr"] / best_of[c.label]) ** 2, "split": "dev"} for c in cells})
+    return tuning.tuning_cells(exp, None)
+
+
+def test_own_tunes_a_sharing_label_only_where_no_label_before_it_runs(tmp_path, assets, monkeypatch):
+    from rankwise.experiments.curves import sharing_rows
+
+    exp = load_experiment(write_exp(tmp_path / "exp.yaml", assets, methods=OWN_METHODS, budgets="[2, 4]",
+                                    extra=OWN_TUNE))
+    cells, choices, table = _planted_by_label(monkeypatch, exp, {"uniform": 4.0e-3, "depth": 1.0e-3})
+    # uniform runs at 4 only: depth takes its choice there and is tuned on its own at 2 (3 rates each)
+    assert sorted((c.label, c.budget) for c in cells) == [("depth", 2)] * 3 + [("uniform", 4)] * 3
+    assert choices == {("toy", "uniform", 4): {"lr": 4.0e-3}, ("toy", "depth", 2): {"lr": 1.0e-3}}
+    lr = {(r.label, r.budget): r.candidate["lr"] for r in exp.runs(choices)}
+    assert lr == {("uniform", 4): 4.0e-3, ("depth", 4): 4.0e-3, ("depth", 2): 1.0e-3}
+    # nothing is shared at 2, so the sharing check has no row there even when depth is verified
+    verified = OWN_TUNE + "  verify: {toy: [depth]}\n"
+    exp = load_experiment(write_exp(tmp_path / "v.yaml", assets, methods=OWN_METHODS, budgets="[2, 4]",
+                                    extra=verified))
+    cells, choices, table = _planted_by_label(monkeypatch, exp, {"uniform": 4.0e-3, "depth": 1.0e-3})
+    assert sorted((c.label, c.budget) for c in cells) == [("depth", 2)] * 3 + [("depth", 4)] * 3 + \
+        [("uniform", 4)] * 3
+    spec = {"share": {"depth": ["uniform", "own"]}, "verify": {"toy": ["depth"]}}
+    rows = sharing_rows({"spec": spec, "table": table})
+    assert [(r["budget"], r["own"], r["shared"], r["same"]) for r in rows] == \
+        [("4", {"lr": 1.0e-3}, {"lr": 4.0e-3}, False)]
+
+
+@pytest.mark.parametrize("share,message", [
+    ("{depth: [own, uniform]}", "tune.share.depth: 'own' must come last"),
+    ("{depth: [nope, own]}", "tune.share.depth: 'nope' is not tuned (tune.methods: uniform), nor 'own'"),
+])
+def test_bad_own_fails_with_one_line(tmp_path, assets, share, message):
+    import re
+
+    tune = OWN_TUNE.replace("{depth: [uniform, own]}", share)
+    with pytest.raises(RankwiseError, match=re.escape(message)) as info:
+        load_experiment(write_exp(tmp_path / "exp.yaml", assets, methods=OWN_METHODS, budgets="[2, 4]", extra=tune))
+    assert "\n" not in str(info.value)
+
+
+def test_own_needs_candidates_and_is_not_a_label(tmp_path, assets):
+    tune = OWN_TUNE.replace("candidates: {lr: [1.0e-3, 2.0e-3, 4.0e-3]}", "candidates: {}").replace(
+        "methods: {uniform: {}}", "methods: {uniform: {lr: [1.0e-3]}}")
+    with pytest.raises(RankwiseError, match=r"tune.share.depth: 'own' tunes the label over tune.candidates"):
+        load_experiment(write_exp(tmp_path / "a.yaml", assets, methods=OWN_METHODS, budgets="[2, 4]", extra=tune))
+    with pytest.raises(RankwiseError, match=r"grid.methods.own: 'own' is a keyword of tune.share"):
+        load_experiment(write_exp(tmp_path / "b.yaml", assets, budgets="[2, 4]", extra=OWN_TUNE,
+                                  methods="[uniform, {strategy: depth, label: own}]"))
+
+
+def test_the_tune_example_in_docs_sweep_md_loads_and_tunes_what_it_says(tmp_path, assets):
+    """docs/sweep.md's tune: block, on a grid with its labels: uniform runs at the larger budget only, so spectral
+    takes uniform_qv's choice below it and gradient (`[uniform, own]`) is tuned on its own there; depth is tuned
+    on its own only to verify sharing, at uniform's budget; adalora tries 3 rates x 2 penalty weights."""
+    import re
+    from pathlib import Path
+
+    md = (Path(__file__).resolve().parents[1] / "docs" / "sweep.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", md.split("## Tuning: `tune:`")[1], re.S).group(1)
+    methods = ("[{strategy: uniform, budgets: ['1920']}, {strategy: uniform, label: uniform_qv, targets: [query, value]},"
+               " {method: adalora}, spectral, {strategy: depth, budgets: ['1920']}, gradient]")
+    path = write_exp(tmp_path / "exp.yaml", assets, methods=methods, budgets="['256', '1920']", extra=block)
+    path.write_text(path.read_text().replace("tasks:\n  toy:", "tasks:\n  sst2:"))
+    exp = load_experiment(path)
+    count = {}
+    for c in exp.tuning_runs():
+        count[(c.label, c.budget)] = count.get((c.label, c.budget), 0) + 1
+    assert count == {("uniform", "1920"): 4, ("uniform_qv", "256"): 4, ("uniform_qv", "1920"): 4,
+                     ("adalora", "256"): 6, ("adalora", "1920"): 6, ("gradient", "256"): 4, ("depth", "1920"): 4}
+    assert [exp.tune.source(label, "256") for label in ("spectral", "gradient")] == ["uniform_qv", "gradient"]
+    assert [exp.tune.source(label, "1920") for label in ("spectral", "depth", "gradient")] == ["uniform"] * 3

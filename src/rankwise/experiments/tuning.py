@@ -6,6 +6,7 @@
         uniform: {}
         adalora: {lr: [1.0e-3, 2.0e-3, 4.0e-3, 8.0e-3], options.orth_reg_weight: [0.1, 0.3]}
       share: {spectral: [uniform, uniform_qv]}   # take the choice of the first tuned label that has the budget
+      # (or [uniform, own]: uniform's choice where uniform runs, tuned on its own at the other budgets)
       verify: {sst2: [gradient]}   # also tune these on their own on one task, to check the sharing assumption
       seeds: [0]                   # tuned on (default [0]); the score is the mean over them
       dev_samples: 500             # rows of each task's training file held out from every run (default 500)
@@ -36,11 +37,14 @@ from .schema import BUDGET_SETTINGS, MethodEntry, resolve_settings
 from .validate import check_keys, fail, mapping, parse_seeds
 
 __all__ = ["TuneSpec", "parse_tune", "select", "tuning_cells", "tuning_state", "TUNE_KEYS", "DEFAULT_DEV_SAMPLES",
-           "FAILED"]
+           "FAILED", "OWN"]
 
 TUNE_KEYS = ("candidates", "methods", "share", "verify", "seeds", "dev_samples", "dev_seed", "extend")
 DEFAULT_DEV_SAMPLES = 500
 FAILED = ".failed.json"  # beside a tuning cell that failed: its candidate scores worst; delete it to retry
+# Last in a share list: at the budgets no label before it runs, the sharing label is tuned on its own. Below rank 1
+# the static allocators cannot take uniform's choice, and q,v's (another placement of the rank) need not fit them.
+OWN = "own"
 
 
 @dataclass
@@ -59,8 +63,11 @@ class TuneSpec:
         return {"dev_samples": self.dev_samples, "dev_seed": self.dev_seed}
 
     def source(self, label: str, budget) -> str:
-        """The tuned label whose choice `label` uses in the grid at `budget`."""
+        """The tuned label whose choice `label` uses in the grid at `budget` (`label` itself where it is tuned on
+        its own there)."""
         for src in self.share.get(label, [label]):
+            if src == OWN:
+                return label
             if budget in self.budgets.get(src, ()):
                 return src
         return label  # parse_tune made sure some source has every budget of the label
@@ -72,7 +79,12 @@ class TuneSpec:
         return [dict(zip(keys, combo)) for combo in itertools.product(*(c[k] for k in keys))]
 
     def tuned_labels(self, task: str) -> list[str]:
-        return list(dict.fromkeys([*self.methods, *self.verify.get(task, [])]))
+        own = [label for label, sources in self.share.items() if OWN in sources]
+        return list(dict.fromkeys([*self.methods, *own, *self.verify.get(task, [])]))
+
+    def tunes(self, task: str, label: str, budget) -> bool:
+        """Whether `label` has tuning cells at `budget`: its grid uses its own choice there, or it is verified."""
+        return self.source(label, budget) == label or label in self.verify.get(task, ())
 
     def cells(self, exp) -> list:
         """Tuning cells in run order: per task, per seed and budget, every candidate of every tuned label."""
@@ -84,7 +96,7 @@ class TuneSpec:
                 for budget in exp.all_budgets():
                     for label in labels:
                         e: MethodEntry = entries[label]
-                        if budget not in exp.budgets_of(e):
+                        if budget not in exp.budgets_of(e) or not self.tunes(task, label, budget):
                             continue
                         out += [self._cell(exp, task, e, budget, seed, values) for values in self.grid_of(label)]
         return out
@@ -162,6 +174,9 @@ def parse_tune(raw, exp) -> TuneSpec | None:
     raw = mapping(raw, "tune")
     check_keys(raw, TUNE_KEYS, "tune")
     labels = [e.label for e in exp.entries]
+    if OWN in labels and raw.get("share"):
+        fail(f"grid.methods.{OWN}", f"{OWN!r} is a keyword of tune.share (tuned on its own); give the entry another "
+                                    "label")
     candidates = _candidates(raw.get("candidates"), "tune.candidates")
     methods = {}
     for label, own in mapping(raw.get("methods"), "tune.methods").items():
@@ -183,10 +198,15 @@ def parse_tune(raw, exp) -> TuneSpec | None:
         sources = [sources] if isinstance(sources, str) else sources
         if not isinstance(sources, list) or not sources:
             fail(w, f"give a tuned label or a list of them, got {sources!r}")
-        for src in sources:
-            if src not in methods:
-                fail(w, f"{src!r} is not tuned (tune.methods: {', '.join(methods)})")
-        uncovered = [b for b in budgets[label] if not any(b in budgets[src] for src in sources)]
+        for i, src in enumerate(sources):
+            if src == OWN and i != len(sources) - 1:
+                fail(w, f"{OWN!r} must come last: the labels after it would never be used")
+            if src not in methods and src != OWN:
+                fail(w, f"{src!r} is not tuned (tune.methods: {', '.join(methods)}), nor {OWN!r} (tuned on its own "
+                        "where no label before it runs)")
+        if OWN in sources and not candidates:
+            fail(w, f"{OWN!r} tunes the label over tune.candidates, which is empty; give candidates there")
+        uncovered = [b for b in budgets[label] if OWN not in sources and not any(b in budgets[src] for src in sources)]
         if uncovered:
             fail(w, f"none of {sources} runs at budget {uncovered[0]!r}; add a label that does")
         share[str(label)] = [str(x) for x in sources]
