@@ -307,8 +307,8 @@ def test_the_tune_example_in_docs_sweep_md_loads_and_tunes_what_it_says(tmp_path
 
     md = (Path(__file__).resolve().parents[1] / "docs" / "sweep.md").read_text()
     block = re.search(r"```yaml\n(.*?)```", md.split("## Tuning: `tune:`")[1], re.S).group(1)
-    methods = ("[{strategy: uniform, budgets: ['1920']}, {strategy: uniform, label: uniform_qv, targets: [query, value]},"
-               " {method: adalora}, spectral, {strategy: depth, budgets: ['1920']}, gradient]")
+    methods = ("[{strategy: uniform, budgets: ['1920']}, {strategy: uniform, label: uniform_qv, "
+               "targets: [query, value]}, {method: adalora}, spectral, {strategy: depth, budgets: ['1920']}, gradient]")
     path = write_exp(tmp_path / "exp.yaml", assets, methods=methods, budgets="['256', '1920']", extra=block)
     path.write_text(path.read_text().replace("tasks:\n  toy:", "tasks:\n  sst2:"))
     exp = load_experiment(path)

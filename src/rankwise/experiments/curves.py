@@ -190,7 +190,8 @@ def _tuning_md(tuning: dict) -> list[str]:
         same = sum(r["same"] for r in share)
         out += ["### The sharing assumption", "",
                 "Where a label takes another's tuned value (tune.share), the labels checked were also tuned on their "
-                f"own (tune.verify): {same} of {len(share)} own choices equal the shared one.", "", "| task | method | budget | own best | shared |", "|---|---|---|---|---|"]
+                f"own (tune.verify): {same} of {len(share)} own choices equal the shared one.", "",
+                "| task | method | budget | own best | shared |", "|---|---|---|---|---|"]
         out += [f"| {r['task']} | {r['label']} | {r['budget']} | {r['own']} | {r['shared']} |" for r in share]
         out.append("")
     return out
