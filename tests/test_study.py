@@ -237,6 +237,64 @@ def test_v2_sst2_grid_table_in_the_docs_agrees_with_the_runs():
             f"{-max(ada):.1f}-{-min(ada):.1f} points") in readme
 
 
+def _holm(ps: list) -> list:
+    """Holm-adjusted p-values, in the order of `ps` (step-down: the i-th smallest times m - i, kept monotone)."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def test_v2_stsb_grid_table_in_the_docs_agrees_with_the_runs():
+    """STS-B's grid table (Pearson x100) recomputed from the runs, and its counting claims: how many of the tested
+    intervals exclude zero, and how many comparisons stay below 0.05 after Holm's adjustment."""
+    md = (ROOT / "docs" / "study.md").read_text()
+    title = "### STS-B's grid: what the numbers show"
+    runs, ref, budgets, ps = _check_v2_grid_table(md, title, "stsb", "eval_pearson")
+    text = " ".join(md.split(title)[1].split("## Reproduce v2")[0].split())
+    words = {0: "none", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+    adjusted = _holm(ps)
+    assert f"Of STS-B's {len(ps)} tested comparisons, {words[sum(p < 0.05 for p in ps)]} intervals exclude zero" \
+        in text
+    assert f"Holm's adjustment over the {len(ps)} leaves {words[sum(p < 0.05 for p in adjusted)]} below 0.05" in text
+    seeds, static = range(5), ["spectral", "weight_norm", "depth", "module_type", "gradient", "eva", "activation"]
+
+    def diff(label, b):
+        return 100 * np.array([runs[(label, b, s)] - runs[(ref[b], b, s)] for s in seeds])
+
+    upper = {(lab, b): diff(lab, b).mean() + stats.t.ppf(0.975, 4) * diff(lab, b).std(ddof=1) / math.sqrt(5)
+             for lab in static for b in budgets if diff(lab, b).std() > 0}
+    low = max((v, k[0]) for k, v in upper.items() if k[1] == 9216)
+    high = max((v, k) for k, v in upper.items() if k[1] > 9216)
+    assert f"The largest upper ends are {low[0]:.2f} points over q,v below rank 1 ({low[1]})" in text
+    assert f"and {high[0]:.2f} over uniform from rank 1 to rank 16 ({high[1][0]} at {high[1][1]:,}," in text
+    nxt = max((v, k) for k, v in upper.items() if k[1] > 9216 and k != high[1])
+    assert f"next, {nxt[0]:.2f} for {nxt[1][0]} at {nxt[1][1]:,})" in text
+    below = sorted((diff(lab, 9216).mean(), lab) for lab in static)
+    assert [lab for m, lab in below if m < 0] == ["depth", "module_type", "gradient", "spectral", "activation"]
+    assert "five of the seven means are below q,v's" in text
+    assert f"gradient's result at rank 16 on STS-B ({diff('gradient', 663552).mean():.2f} points" in \
+        " ".join(md.split())
+    # collapses: every current STS-B grid run below 0.6 Pearson
+    assert sum(v < 0.6 for (lab, b, s), v in runs.items()) == 8 and "Eight of the 205 runs end below 0.6" in text
+    assert len(runs) == 205
+    uni = [100 * np.mean([runs[("uniform", b, s)] for s in seeds]) for b in budgets[1:]]
+    qv = 100 * np.mean([runs[("uniform_qv", 9216, s)] for s in seeds])
+    assert (f"Uniform is {uni[0]:.2f} at rank 1, {uni[1]:.2f} at rank 4, {uni[2]:.2f} at rank 16, and q,v at 9,216 "
+            f"is {qv:.2f}, {max(uni) - qv:.2f} points under uniform's best") in text
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"module_type loses {-diff('module_type', 9216).mean():.2f} points, the one comparison of "
+            f"{len(ps)} that survives Holm") in readme and sum(p < 0.05 for p in adjusted) == 1
+    assert adjusted[ps.index(min(ps))] < 0.05 and min(ps) == stats.ttest_1samp(diff("module_type", 9216), 0).pvalue
+    assert f"AdaLoRA's gain at rank 16 (+{diff('adalora', 663552).mean():.2f}) does not survive it" in readme
+    ada = diff("adalora", 663552)
+    p_ada = stats.ttest_1samp(ada, 0.0).pvalue
+    assert f"(+{ada.mean():.2f} [" in text and f"p {p_ada:.2f} before adjustment, " \
+        f"{adjusted[ps.index(p_ada)]:.2f} after Holm)" in text
+
+
 # ----- study v2: every committed grid run spends its budget and trains at the rate its tuning runs chose ----------
 
 def _argv_value(command: str, flag: str) -> str:
