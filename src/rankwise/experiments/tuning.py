@@ -78,27 +78,21 @@ class TuneSpec:
         keys = list(c)
         return [dict(zip(keys, combo)) for combo in itertools.product(*(c[k] for k in keys))]
 
-    def tuned_labels(self, task: str) -> list[str]:
-        own = [label for label, sources in self.share.items() if OWN in sources]
-        return list(dict.fromkeys([*self.methods, *own, *self.verify.get(task, [])]))
-
     def tunes(self, task: str, label: str, budget) -> bool:
         """Whether `label` has tuning cells at `budget`: its grid uses its own choice there, or it is verified."""
         return self.source(label, budget) == label or label in self.verify.get(task, ())
 
     def cells(self, exp) -> list:
-        """Tuning cells in run order: per task, per seed and budget, every candidate of every tuned label."""
-        entries = {e.label: e for e in exp.entries}
+        """Tuning cells in run order: per task, per seed and budget, every candidate of every entry tuned there
+        (in grid order)."""
         out = []
         for task in exp.tasks:
-            labels = self.tuned_labels(task)
             for seed in self.seeds:
                 for budget in exp.all_budgets():
-                    for label in labels:
-                        e: MethodEntry = entries[label]
-                        if budget not in exp.budgets_of(e) or not self.tunes(task, label, budget):
+                    for e in exp.entries:
+                        if budget not in exp.budgets_of(e) or not self.tunes(task, e.label, budget):
                             continue
-                        out += [self._cell(exp, task, e, budget, seed, values) for values in self.grid_of(label)]
+                        out += [self._cell(exp, task, e, budget, seed, values) for values in self.grid_of(e.label)]
         return out
 
     def _cell(self, exp, task: str, e: MethodEntry, budget, seed: int, values: dict) -> Run:
