@@ -96,6 +96,7 @@ def test_report_regenerates_from_the_committed_results(tmp_path, study):
 # ----- study v2: the tuning table docs/study.md quotes ----------------------------------------------------------
 
 V2_WRITTEN = (5.0e-4, 1.0e-3, 2.0e-3, 4.0e-3)  # the experiment file's lr list; tune.extend adds values beyond it
+V2_STATIC = ("spectral", "weight_norm", "depth", "module_type", "gradient", "eva", "activation")
 
 
 def _best(tried: list) -> tuple:
@@ -195,6 +196,28 @@ def _check_v2_grid_table(md: str, title: str, task: str, metric: str) -> tuple[d
     return runs, ref, budgets, ps
 
 
+def _holm(ps: list) -> list:
+    """Holm-adjusted p-values, in the order of `ps` (step-down: the i-th smallest times m - i, kept monotone)."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def _upper_ends(runs: dict, ref: dict, budgets: list) -> dict:
+    """(static allocator, budget) -> the upper end of its paired 95% t interval against the budget's reference, in
+    points, where the plan differs from the reference's (a nonzero spread)."""
+    out = {}
+    for label in V2_STATIC:
+        for b in budgets:
+            d = 100 * np.array([runs[(label, b, s)] - runs[(ref[b], b, s)] for s in range(5)])
+            if d.std() > 0:
+                out[(label, b)] = d.mean() + stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return out
+
+
 def test_v2_sst2_grid_table_in_the_docs_agrees_with_the_runs():
     md = (ROOT / "docs" / "study.md").read_text()
     runs, ref, budgets, ps = _check_v2_grid_table(md, "### SST-2's grid: what the numbers show", "sst2",
@@ -206,16 +229,10 @@ def test_v2_sst2_grid_table_in_the_docs_agrees_with_the_runs():
     assert "Of SST-2's 30 tested comparisons, three" in text and "leaves none below 0.85" in text
     assert sum(p < 0.05 for p in ps) == 3
     ps.sort()
-    smallest_holm = min(1.0, len(ps) * ps[0])  # Holm's first step: the smallest p times the number of tests
+    smallest_holm = min(_holm(ps))  # Holm's first step: the smallest p times the number of tests
     assert f"{smallest_holm:.2f}" == "0.85"
     # the largest upper ends: below rank 1 (over q,v) and from rank 1 up (over uniform), static allocators only
-    static = ["spectral", "weight_norm", "depth", "module_type", "gradient", "eva", "activation"]
-    upper = {}
-    for label in static:
-        for b in budgets:
-            d = 100 * np.array([runs[(label, b, s)] - runs[(ref[b], b, s)] for s in seeds])
-            if d.std() > 0:
-                upper[(label, b)] = d.mean() + stats.t.ppf(0.975, 4) * d.std(ddof=1) / math.sqrt(5)
+    upper = _upper_ends(runs, ref, budgets)
     low = max((v, k[0]) for k, v in upper.items() if k[1] == 9216)
     high = max(v for k, v in upper.items() if k[1] > 9216)
     assert f"gains more than {low[0]:.2f} points over q,v below rank 1 ({low[1]}'s upper end)" in " ".join(text.split())
@@ -237,16 +254,6 @@ def test_v2_sst2_grid_table_in_the_docs_agrees_with_the_runs():
             f"{-max(ada):.1f}-{-min(ada):.1f} points") in readme
 
 
-def _holm(ps: list) -> list:
-    """Holm-adjusted p-values, in the order of `ps` (step-down: the i-th smallest times m - i, kept monotone)."""
-    order = sorted(range(len(ps)), key=lambda i: ps[i])
-    out, running = [0.0] * len(ps), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
-        out[i] = running
-    return out
-
-
 def test_v2_stsb_grid_table_in_the_docs_agrees_with_the_runs():
     """STS-B's grid table (Pearson x100) recomputed from the runs, and its counting claims: how many of the tested
     intervals exclude zero, and how many comparisons stay below 0.05 after Holm's adjustment."""
@@ -259,20 +266,19 @@ def test_v2_stsb_grid_table_in_the_docs_agrees_with_the_runs():
     assert f"Of STS-B's {len(ps)} tested comparisons, {words[sum(p < 0.05 for p in ps)]} intervals exclude zero" \
         in text
     assert f"Holm's adjustment over the {len(ps)} leaves {words[sum(p < 0.05 for p in adjusted)]} below 0.05" in text
-    seeds, static = range(5), ["spectral", "weight_norm", "depth", "module_type", "gradient", "eva", "activation"]
+    seeds = range(5)
 
     def diff(label, b):
         return 100 * np.array([runs[(label, b, s)] - runs[(ref[b], b, s)] for s in seeds])
 
-    upper = {(lab, b): diff(lab, b).mean() + stats.t.ppf(0.975, 4) * diff(lab, b).std(ddof=1) / math.sqrt(5)
-             for lab in static for b in budgets if diff(lab, b).std() > 0}
+    upper = _upper_ends(runs, ref, budgets)
     low = max((v, k[0]) for k, v in upper.items() if k[1] == 9216)
     high = max((v, k) for k, v in upper.items() if k[1] > 9216)
     assert f"The largest upper ends are {low[0]:.2f} points over q,v below rank 1 ({low[1]})" in text
     assert f"and {high[0]:.2f} over uniform from rank 1 to rank 16 ({high[1][0]} at {high[1][1]:,}," in text
     nxt = max((v, k) for k, v in upper.items() if k[1] > 9216 and k != high[1])
     assert f"next, {nxt[0]:.2f} for {nxt[1][0]} at {nxt[1][1]:,})" in text
-    below = sorted((diff(lab, 9216).mean(), lab) for lab in static)
+    below = sorted((diff(lab, 9216).mean(), lab) for lab in V2_STATIC)
     assert [lab for m, lab in below if m < 0] == ["depth", "module_type", "gradient", "spectral", "activation"]
     assert "five of the seven means are below q,v's" in text
     assert f"gradient's result at rank 16 on STS-B ({diff('gradient', 663552).mean():.2f} points" in \
@@ -377,6 +383,12 @@ def _extension_outcomes(task: str, metric: str) -> tuple[int, dict]:
     return at_end, moved, tried
 
 
+def _moved_off_qv(own: dict) -> tuple:
+    """(q,v's rate at 9,216, {static allocator: its own rate there, where it differs from q,v's})."""
+    qv = own[("uniform_qv", 9216)]
+    return qv, {label: own[(label, 9216)] for label in V2_STATIC if own[(label, 9216)] != qv}
+
+
 def test_v2_sharing_check_and_own_rates_below_rank_1_are_as_the_docs_say():
     """docs/study.md: gradient and depth tuned on their own on SST-2 from rank 1 up chose uniform's rate in 3 of 6
     cases, tied in one, and the shared rate scored 0.004 and 0.012 below their own best in the other two; below
@@ -400,19 +412,14 @@ def test_v2_sharing_check_and_own_rates_below_rank_1_are_as_the_docs_say():
     assert ("chose uniform's rate in 3 of 6 cases, and in a fourth (gradient, 165,888) their own and the shared "
             "rate tie at 0.856") in text
     assert "scored 0.004 (depth, 165,888) and 0.012 (gradient, 663,552) below their own best" in text
-    static = ["spectral", "weight_norm", "depth", "module_type", "gradient", "eva", "activation"]
-    qv = own[("uniform_qv", 9216)]
-    moved = {label: own[(label, 9216)] for label in static if own[(label, 9216)] != qv}
-    assert qv == 4.0e-3 and moved == {"spectral": 2.0e-3, "weight_norm": 2.0e-3, "gradient": 2.0e-3,
-                                      "module_type": 8.0e-3, "activation": 8.0e-3}
+    assert _moved_off_qv(own) == (4.0e-3, {"spectral": 2.0e-3, "weight_norm": 2.0e-3, "gradient": 2.0e-3,
+                                           "module_type": 8.0e-3, "activation": 8.0e-3})
     assert ("On SST-2, tuned on their own at 9,216, five of the seven moved off q,v's 4e-3: spectral, weight_norm "
             "and gradient to 2e-3, module_type and activation to 8e-3") in text
     tried = _extension_outcomes("stsb", "eval_pearson")[2]
     own = {k: _best(list(v.items()))[0] for k, v in tried.items()}
-    qv = own[("uniform_qv", 9216)]
-    moved = {label: own[(label, 9216)] for label in static if own[(label, 9216)] != qv}
-    assert qv == 8.0e-3 and moved == {"spectral": 4.0e-3, "weight_norm": 4.0e-3, "depth": 4.0e-3,
-                                      "activation": 4.0e-3, "gradient": 2.0e-3, "module_type": 2.0e-3}
+    assert _moved_off_qv(own) == (8.0e-3, {"spectral": 4.0e-3, "weight_norm": 4.0e-3, "depth": 4.0e-3,
+                                           "activation": 4.0e-3, "gradient": 2.0e-3, "module_type": 2.0e-3})
     assert ("On STS-B six of the seven moved off q,v's 8e-3: spectral, weight_norm, depth and activation to 4e-3, "
             "gradient and module_type to 2e-3; eva kept it.") in text
     # gradient tuned on its own on STS-B from rank 1 up: the same rate at 41,472, then 1e-3 over uniform's rate
