@@ -257,8 +257,9 @@ def _v2_section(num: Numbers, root: Path, tolerance: float, out: Path, figures: 
     _cell_numbers(num, s)
     _task_numbers(num, s)
     _study_numbers(num, s)
-    parts = [rf"Study v2 is complete: {done} runs. Table~\ref{{tab:summary-v2}} summarises it; the per-task tables "
-             r"follow.", summary_table(num, [s]).replace(r"\label{tab:summary}", r"\label{tab:summary-v2}")]
+    summary = summary_table(num, [s]).replace(r"\label{tab:summary}", r"\label{tab:summary-v2}")
+    parts = [rf"Study v2 is complete: {done} runs. " + _provenance(s) + r" Table~\ref{tab:summary-v2} summarises "
+             r"it; the per-task tables follow.", summary]
     parts += [cell_table(num, s, t) for t in s.tasks]
     if figures:
         from .figures import draw_pareto
@@ -268,6 +269,13 @@ def _v2_section(num: Numbers, root: Path, tolerance: float, out: Path, figures: 
                      + s.name + r".pdf}\caption{Study v2: metric against trainable LoRA parameters per method "
                      r"(mean $\pm$ std over seeds).}\label{fig:pareto-v2}\end{figure}")
     return "\n\n".join(parts)
+
+
+def _provenance(s: Study) -> str:
+    """Where v2's runs ran and with which library versions (the sweep spans sessions, and a library can move between
+    them: each run records its own)."""
+    return ("Machines: \\" + macro_name(s.short, "machines") + "{}. Library versions, as each run recorded "
+            "them: \\" + macro_name(s.short, "versions") + "{}.")
 
 
 def _v2_in_progress(num: Numbers, s: Study, done: str, total: str) -> str:
@@ -288,6 +296,9 @@ def _v2_in_progress(num: Numbers, s: Study, done: str, total: str) -> str:
     text += (" In progress: " + ", ".join(running) + ".") if running else ""
     text += (r" A task's table appears here when every run of its grid is committed; the summary and figures when "
              r"every run of the study is (\texttt{make paper}).")
+    num.add(s.short, s.name, "*", "*", "*", "machines", _tex(_machines(s.runs)))
+    num.add(s.short, s.name, "*", "*", "*", "versions", _tex(_versions(s.runs)))
+    text += " " + _provenance(s)
     view = s.only(finished_tasks)
     _cell_numbers(num, view)
     _task_numbers(num, view)
