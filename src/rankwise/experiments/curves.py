@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from .results import LOWER_IS_BETTER, REFERENCES
-from .tuning import OWN
+from .tuning import TuneSpec
 
 __all__ = ["v2_sections", "efficiency_rows", "glance_rows", "half_width", "sharing_rows"]
 
@@ -144,21 +144,25 @@ def _glance_md(glance: dict) -> list[str]:
 
 def sharing_rows(tuning: dict) -> list[dict]:
     """For each label tuned on its own only to check sharing (tune.verify): its own best value against the value
-    it shares in the grid, per task and budget."""
+    it shares in the grid, per task and budget. Which label it shares with at a budget is `TuneSpec.source`'s
+    rule; a tuned label has a chosen value at every budget it runs, so the table gives the budgets it needs."""
     spec = tuning.get("spec") or {}
-    table = tuning.get("table") or []
-    chosen = {(r["task"], r["label"], str(r["budget"])): r["values"] for r in table if r.get("chosen")}
+    chosen = {(r["task"], r["label"], str(r["budget"])): r["values"] for r in tuning.get("table") or []
+              if r.get("chosen")}
     rows = []
     for task, labels in (spec.get("verify") or {}).items():
+        budgets: dict = {}
+        for t, lab, b in chosen:
+            if t == task:
+                budgets.setdefault(lab, set()).add(b)
+        rule = TuneSpec({}, {}, spec.get("share") or {}, budgets=budgets)
         for label in labels:
-            for (t, lab, b), own in chosen.items():
-                if t != task or lab != label:
-                    continue
-                sources = [s for s in spec.get("share", {}).get(label, []) if s == OWN or (t, s, b) in chosen]
-                if not sources or sources[0] == OWN:
+            for b in (b for t, lab, b in chosen if (t, lab) == (task, label)):
+                src = rule.source(label, b)
+                if src == label:
                     continue  # the grid uses its own choice at this budget: nothing shared to check
-                shared = chosen[(t, sources[0], b)]
-                rows.append({"task": t, "label": label, "budget": b, "own": own, "shared": shared,
+                own, shared = chosen[(task, label, b)], chosen[(task, src, b)]
+                rows.append({"task": task, "label": label, "budget": b, "own": own, "shared": shared,
                              "same": own == shared})
     return rows
 
