@@ -171,6 +171,9 @@ def _check_v2_grid_table(md: str, title: str, task: str, metric: str) -> tuple[d
     rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in section.splitlines()
             if ln.startswith("| ") and not ln.startswith("| ---")]
     header, rows = rows[0], rows[1:]
+    lines = section.splitlines()
+    after = lines[max(i for i, ln in enumerate(lines) if ln.startswith("| ")) + 1:]
+    assert not "".join(after).strip(), f"text between {title}'s table and its first claim: {after}"
     budgets = [int(b.replace(",", "")) for b in header[1:]]
     runs, seeds = _v2_grid(task, metric), range(5)
     ref = {b: "uniform" if ("uniform", b, 0) in runs else "uniform_qv" for b in budgets}
