@@ -432,6 +432,29 @@ def _fake_run(root: Path, rid: str, seed: int, value: float) -> dict:
         "eval": {"eval_accuracy": value, "num_samples": 10}}))
 
 
+def test_v2_prose_on_the_finished_tasks_says_what_its_numbers_say():
+    """results.tex's paragraph on v2's finished tasks quotes macros; the words around them (how many, which one,
+    a loss) are checked here against those numbers, which the recomputation above checks against the runs."""
+    text = " ".join((PAPER / "sections" / "results.tex").read_text().split("What the finished tasks show")[1].split())
+    num = {name: value for name, (value, _) in _numbers().items()}
+
+    def pts(task, label, budget="BNineTwoOneSix"):
+        return float(num[f"rwGlueVtwo{task}{budget}{label}Deltapts"])
+
+    static = ["Spectral", "WeightNorm", "Depth", "ModuleType", "Gradient", "Eva", "Activation"]
+    below = [lab for lab in static if pts("Stsb", lab) < 0]
+    assert len(below) == 5 and "five of the seven allocators' means on STS-B are below" in text
+    assert set(below) == {"Depth", "ModuleType", "Gradient", "Spectral", "Activation"}
+    assert max(static, key=lambda lab: pts("SstTwo", lab)) == "Gradient"
+    assert "none is above it by more than \\rwGlueVtwoSstTwoBNineTwoOneSixGradientDeltapts{} points" in text
+    assert num["rwGlueVtwoStsbAllocHolm"] == "1" and pts("Stsb", "ModuleType") < 0
+    assert float(num["rwGlueVtwoStsbBNineTwoOneSixModuleTypePholm"]) < 0.05 and "and it is a loss" in text
+    assert num["rwGlueVtwoSstTwoAllocHolm"] == "0"
+    # "no longer loses by v1's margins": v1 at r16 lost more than 10 points on both; v2 within 3 of uniform
+    assert all(float(num[f"rwGlue{t}RSixteenAdaloraDeltapts"]) < -10 for t in ("SstTwo", "Stsb"))
+    assert all(abs(pts(t, "Adalora", "BSixSixThreeFiveFiveTwo")) < 3 for t in ("SstTwo", "Stsb"))
+
+
 def test_v2_section_in_progress_then_tables(tmp_path):
     from rankwise.experiments.paper import make_paper
 
