@@ -112,3 +112,27 @@ def test_tuning_table_lists_values_in_order_and_marks_the_extended_ones():
     assert lines == ["| t | uniform | 2 | 0.00025 (extended) | eval_accuracy | 0.7500 |",
                      "| t | uniform | 2 | 0.0005 | eval_accuracy | **0.8000** |",
                      "| t | uniform | 2 | 0.001 | eval_accuracy | 0.7000 |"]
+
+
+def test_eleven_methods_get_eleven_distinguishable_lines(tmp_path):
+    """Study v2 compares 11 methods; matplotlib's colour cycle has 10, so the 11th (multirank) once drew in the
+    1st's colour and marker. Each line of the Pareto grid must differ from every other in colour, marker or style."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from rankwise.experiments import plots
+
+    series = {f"m{i}": [(1000, 0.5 + 0.01 * i, 0.01), (4000, 0.6, 0.01)] for i in range(11)}
+    seen = []
+    real_close = plt.close
+    plt.close = lambda fig=None: seen.append(fig)  # keep the figure to read its lines back
+    try:
+        plots.plot_metric_grid([{"title": "t", "metric": "m", "series": series}], tmp_path / "grid")
+    finally:
+        plt.close = real_close
+    lines = [c.lines[0] for c in seen[0].axes[0].containers if c.get_label() in series]  # errorbar: data line
+    styles = {(matplotlib.colors.to_hex(ln.get_color()), ln.get_marker(), ln.get_linestyle()) for ln in lines}
+    assert len(lines) == 11 and len(styles) == 11
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "grid.pdf").is_file()

@@ -76,6 +76,15 @@ def _save(fig, stem) -> list[str]:
     return paths
 
 
+_MARKERS = "osD^vP*Xh<>"
+
+
+def _style(i: int) -> dict:
+    """Marker and line style of the i-th method: the colour cycle repeats after 10, so an 11th method (study v2
+    has 11) differs by its marker and a dashed line."""
+    return {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)], "linestyle": "-" if i < 10 else "--"}
+
+
 def plot_metric_vs_params(series: dict, stem: str | os.PathLike, *, metric: str, title: str) -> list[str]:
     """One line per method: x = LoRA parameters trained, y = metric mean with error bars.
 
@@ -83,11 +92,11 @@ def plot_metric_vs_params(series: dict, stem: str | os.PathLike, *, metric: str,
     interval half-width (the budget curves); nan for one seed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in series.items():
+    for i, (label, points) in enumerate(series.items()):
         points = sorted(points)
         xs, ys, es = zip(*points)
-        ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], marker="o", capsize=3, label=label,
-                    linewidth=2.5 if label == "uniform" else 1.2)
+        ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], capsize=3, label=label,
+                    linewidth=2.5 if label == "uniform" else 1.2, **_style(i))
     ax.set_xscale("log")
     ax.set_xlabel("trainable LoRA parameters")
     ax.set_ylabel(metric)
@@ -102,10 +111,10 @@ def plot_tuning_curves(curves: dict, stem: str | os.PathLike, *, title: str, yla
     scores)})."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (lrs, scores) in curves.items():
+    for i, (label, (lrs, scores)) in enumerate(curves.items()):
         pts = sorted(zip(lrs, scores))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
-                linewidth=2.5 if label == "uniform" else 1.2)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, linewidth=2.5 if label == "uniform" else 1.2,
+                **_style(i))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(ylabel)
@@ -216,13 +225,14 @@ def plot_metric_grid(panels: list[dict], stem: str | os.PathLike, *, ncols: int 
             xs = [x * shift for x, _, _ in pts]
             ys = [y if lo is None else min(max(y, lo), hi) for _, y, _ in pts]
             es = [0 if e != e or (lo is not None and not lo <= y <= hi) else e for _, y, e in pts]
-            line = ax.errorbar(xs, ys, yerr=es, marker="o", markersize=3, capsize=2, label=label,
-                               linewidth=2.2 if label == "uniform" else 0.9)
+            line = ax.errorbar(xs, ys, yerr=es, markersize=3, capsize=2, label=label,
+                               linewidth=2.2 if label == "uniform" else 0.9, **_style(i))
             for x, (_, y, _) in zip(xs, pts):
                 if lo is not None and not lo <= y <= hi:
                     edge = lo if y < lo else hi
                     ax.plot([x], [edge], marker="v" if y < lo else "^", color=line[0].get_color(), markersize=7)
-                    dy = (4 if y > hi else -9) - 7 * i % 21  # stagger labels of methods at one budget
+                    # inside the axes (above a low edge, below a high one), staggered for methods at one budget
+                    dy = -9 - 7 * i % 21 if y > hi else 4 + 7 * i % 21
                     ax.annotate(f"{label} {y:.2f}", (x, edge), fontsize=6, xytext=(3, dy), textcoords="offset points")
         if lo is not None:
             pad = 0.04 * (hi - lo)
