@@ -349,6 +349,27 @@ def test_v2_grid_runs_spend_their_budget_and_use_the_rate_chosen_on_held_out_row
     assert checked >= 205  # SST-2's grid at least
 
 
+def test_v2_grid_is_three_tasks_by_eleven_methods_by_four_budgets_by_five_seeds():
+    """The experiment file declares the issue's grid: 3 tasks x 11 methods x 4 budgets x 5 seeds, less the cells
+    a method cannot run (uniform on every linear below rank 1; multirank's smallest ladder costs 124,524, so it
+    runs at rank 4 and 16 only): 41 cells per task and seed, 615 runs. The finished tasks hold all of theirs."""
+    import yaml
+
+    exp = yaml.safe_load((ROOT / "studies" / "glue-minilm-v2" / "experiment.yaml").read_text())
+    grid = exp["grid"]
+    labels = [m if isinstance(m, str) else m.get("label") or m.get("strategy") or m.get("method")
+              for m in grid["methods"]]
+    assert sorted(exp["tasks"]) == ["cola", "sst2", "stsb"] and len(set(labels)) == 11
+    assert grid["budgets"] == ["9216", "41472", "165888", "663552"] and grid["seeds"] == [0, 1, 2, 3, 4]
+    per_seed = sum(len(m["budgets"]) if isinstance(m, dict) and "budgets" in m else len(grid["budgets"])
+                   for m in grid["methods"])
+    assert per_seed == 41 and per_seed * len(grid["seeds"]) * len(exp["tasks"]) == 615
+    done = {}
+    for d in _v2_current_runs():
+        done[d.name.split("-")[0]] = done.get(d.name.split("-")[0], 0) + 1
+    assert done["sst2"] == done["stsb"] == 205 and done.get("cola", 0) <= 205
+
+
 def _extension_outcomes(task: str, metric: str) -> tuple[int, dict]:
     """From the tuning runs' own files: how many (entry, budget) choices over the written list sat at an end,
     and where the values tried beyond that end moved the choice ({(label, budget): new lr}). Checks on the way
