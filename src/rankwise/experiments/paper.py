@@ -167,9 +167,15 @@ def _study_numbers(num: Numbers, s: Study) -> None:
         for q in ("compared", "better", "worse", "holm"):
             total = sum(int(num.rows[macro_name(s.short, t, label, q)][0]) for t in s.tasks)
             num.add(s.short, s.name, "*", "*", label, q, str(total))
-    num.add(*a, "machines", _tex(_machines(s.runs)))
-    num.add(*a, "versions", _tex(_versions(s.runs)))
+    _provenance_numbers(num, s)
     _refused_numbers(num, s)
+
+
+def _provenance_numbers(num: Numbers, s: Study) -> None:
+    """The machines and library versions the study's runs recorded (the appendix quotes v1's; v2's section its
+    own, also while it runs)."""
+    num.add(s.short, s.name, "*", "*", "*", "machines", _tex(_machines(s.runs)))
+    num.add(s.short, s.name, "*", "*", "*", "versions", _tex(_versions(s.runs)))
 
 
 def _machines(runs) -> str:
@@ -296,8 +302,7 @@ def _v2_in_progress(num: Numbers, s: Study, done: str, total: str) -> str:
     text += (" In progress: " + ", ".join(running) + ".") if running else ""
     text += (r" A task's table appears here when every run of its grid is committed; the summary and figures when "
              r"every run of the study is (\texttt{make paper}).")
-    num.add(s.short, s.name, "*", "*", "*", "machines", _tex(_machines(s.runs)))
-    num.add(s.short, s.name, "*", "*", "*", "versions", _tex(_versions(s.runs)))
+    _provenance_numbers(num, s)
     text += " " + _provenance(s)
     view = s.only(finished_tasks)
     _cell_numbers(num, view)
