@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -364,9 +365,7 @@ def test_v2_grid_is_three_tasks_by_eleven_methods_by_four_budgets_by_five_seeds(
     per_seed = sum(len(m["budgets"]) if isinstance(m, dict) and "budgets" in m else len(grid["budgets"])
                    for m in grid["methods"])
     assert per_seed == 41 and per_seed * len(grid["seeds"]) * len(exp["tasks"]) == 615
-    done = {}
-    for d in _v2_current_runs():
-        done[d.name.split("-")[0]] = done.get(d.name.split("-")[0], 0) + 1
+    done = Counter(d.name.split("-")[0] for d in _v2_current_runs())  # run folders: task-label-bB-sS-hash
     assert done["sst2"] == done["stsb"] == 205 and done.get("cola", 0) <= 205
 
 
