@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -106,18 +107,16 @@ def _best(tried: list) -> tuple:
     return max(tried, key=lambda x: (x[1], x[0] in V2_WRITTEN, -x[0]))
 
 
-def _v2_tuning_choices(root: Path) -> dict:
-    """(task, label, budget) -> (lr, held-out score) of the best tuning run, read from each tuning run's own
-    results.json and command line (not from sweep.json's table), by `_best`."""
+def _v2_tuning_choices(root: Path, task: str = "sst2", metric: str = "eval_accuracy") -> dict:
+    """(task, label, budget) -> (lr, held-out score) of the best tuning run of one task, read from each tuning
+    run's own results.json and command line (not from sweep.json's table), by `_best`."""
     runs: dict = {}
-    for f in (root / "tuning").glob("*/results.json"):
+    for f in (root / "tuning").glob(f"{task}-*/results.json"):
         r = json.loads(f.read_text())
-        task, label, budget = f.parent.name.split("-")[:3]
-        if task != "sst2":  # the docs' table is SST-2's (accuracy); other tasks score other metrics
-            continue
+        _, label, budget = f.parent.name.split("-")[:3]
         argv = r["run_info"]["command"].split()
         lr = float(argv[argv.index("--lr") + 1])
-        runs.setdefault((task, label, budget.lstrip("b")), []).append((lr, r["eval"]["eval_accuracy"]))
+        runs.setdefault((task, label, budget.lstrip("b")), []).append((lr, r["eval"][metric]))
     return {k: _best(v) for k, v in runs.items()}
 
 
@@ -517,28 +516,42 @@ def test_v2_end_choices_were_extended_as_the_docs_say():
             "(8e-3 scored MCC 0.000") in text
 
 
-def test_v2_report_regenerates_the_efficiency_and_tuning_tables_from_the_committed_files(tmp_path):
-    """`rankwise report` on the committed v2 folder: SST-2's efficiency table equals one computed here from the
-    runs (uniform's best mean less its t half-width is the bar; each entry's smallest budget whose mean clears it,
-    by its real LoRA parameters), and every tuning choice it marks equals the tuning runs' own best."""
-    root = ROOT / "studies" / "glue-minilm-v2"
-    out = tmp_path / "report"
-    assert main(["report", str(root), "--out", str(out), "--no-figures"]) == 0
-    md = (out / "report.md").read_text()
+V2_METRICS = {"sst2": "eval_accuracy", "stsb": "eval_pearson", "cola": "eval_mcc"}
+
+
+@pytest.fixture(scope="module")
+def v2_report(tmp_path_factory) -> str:
+    """`rankwise report` on the committed v2 folder, once for the module: its report.md. Run from the repository
+    root with the study's relative path, as the committed report was made (the report names its source)."""
+    out, cwd = tmp_path_factory.mktemp("v2") / "report", os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert main(["report", "studies/glue-minilm-v2", "--out", str(out), "--no-figures"]) == 0
+    finally:
+        os.chdir(cwd)
+    return (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("task", list(V2_METRICS))
+def test_v2_report_regenerates_the_efficiency_and_tuning_tables_from_the_committed_files(v2_report, task):
+    """`rankwise report` on the committed v2 folder: each task's efficiency table equals one computed here from
+    the runs (uniform's best mean less its t half-width is the bar; each entry's smallest budget whose mean clears
+    it, by its real LoRA parameters), and every tuning choice it marks equals the tuning runs' own best."""
+    root, md, metric = ROOT / "studies" / "glue-minilm-v2", v2_report, V2_METRICS[task]
     runs: dict = {}
     for d in _v2_current_runs():
-        task, label, budget, _ = d.name.split("-")[:4]
-        if task == "sst2":
-            runs.setdefault(label, {}).setdefault(_lora_params(d), []).append(_metric(d, "eval_accuracy"))
+        t, label, budget, _ = d.name.split("-")[:4]
+        if t == task:
+            runs.setdefault(label, {}).setdefault(_lora_params(d), []).append(_metric(d, metric))
     means = {lab: {p: float(np.mean(v)) for p, v in by.items()} for lab, by in runs.items()}
     best_p = max(means["uniform"], key=means["uniform"].get)
     v = runs["uniform"][best_p]
     bar = np.mean(v) - stats.t.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v))
-    section = md.split("### sst2: bar ")[1].split("\n\n")[1]
+    section = md.split(f"### {task}: bar ")[1].split("\n\n")[1]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in section.splitlines()
             if ln.startswith("| ") and not ln.startswith("| method")}
-    assert md.split("### sst2: bar ")[1].startswith(f"{bar:.4f} (uniform's best {means['uniform'][best_p]:.4f} at "
-                                                     f"{best_p:,} parameters")
+    assert md.split(f"### {task}: bar ")[1].startswith(f"{bar:.4f} (uniform's best {means['uniform'][best_p]:.4f} "
+                                                       f"at {best_p:,} parameters")
     assert set(rows) == set(means)
     for label, by in means.items():
         hit = next((p for p in sorted(by) if by[p] >= bar), None)
@@ -546,12 +559,12 @@ def test_v2_report_regenerates_the_efficiency_and_tuning_tables_from_the_committ
             assert rows[label][0] == "never", label
         else:
             assert rows[label][:3] == [f"{hit:,}", f"{by[hit]:.4f}", f"{best_p - hit:,}"], (label, rows[label])
-    # the tuning table: each chosen (bold) candidate is the best of the tuning runs' own scores (SST-2's accuracy)
-    choices = _v2_tuning_choices(root)
+    # the tuning table: each chosen (bold) candidate is the best of the tuning runs' own scores on this task
+    choices = _v2_tuning_choices(root, task, metric)
     bold = [ln for ln in md.split("## Tuning:")[1].split("### The sharing")[0].splitlines()
-            if ln.startswith("| sst2 |") and "**" in ln]
+            if ln.startswith(f"| {task} |") and "**" in ln]
     assert len(bold) == len(choices)
     for ln in bold:
-        _, task, label, budget, lr, _, score = [c.strip() for c in ln.strip().split("|")[:7]]
+        _, t, label, budget, lr, _, score = [c.strip() for c in ln.strip().split("|")[:7]]
         got = (float(lr.split()[0]), float(score.strip("*")))  # "0.008 (extended)": a value beyond the list
-        assert got == pytest.approx(choices[(task, label, budget)], abs=5e-5)
+        assert got == pytest.approx(choices[(t, label, budget)], abs=5e-5)

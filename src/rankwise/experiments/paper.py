@@ -271,9 +271,10 @@ def _v2_section(num: Numbers, root: Path, tolerance: float, out: Path, figures: 
         from .figures import draw_pareto
 
         draw_pareto(s, out / "figures")
-        parts.append(r"\begin{figure}[tbp]\centering\includegraphics[width=\linewidth]{generated/figures/pareto-"
-                     + s.name + r".pdf}\caption{Study v2: metric against trainable LoRA parameters per method "
-                     r"(mean $\pm$ std over seeds).}\label{fig:pareto-v2}\end{figure}")
+    # the text names the figure either way: figures=False regenerates the text beside committed figures
+    parts.append(r"\begin{figure}[tbp]\centering\includegraphics[width=\linewidth]{generated/figures/pareto-"
+                 + s.name + r".pdf}\caption{Study v2: metric against trainable LoRA parameters per method "
+                 r"(mean $\pm$ std over seeds).}\label{fig:pareto-v2}\end{figure}")
     return "\n\n".join(parts)
 
 
