@@ -130,6 +130,8 @@ def test_report_regenerates_from_result_files_alone(sweep_dir, tmp_path, capsys)
     assert "costly" in md.split("## Not compared")[1]
     # each cell traces to its run folders; environment and commands are stated
     assert "runs/toy-good-r4-s3-abcd1234" in md and "rankwise sweep exp.yaml --out sweep" in md
+    # the report's own command is the one main() was given, not the host process's argv (here, pytest's)
+    assert f"\nrankwise report {sweep_dir} --out {out}\n" in md and "test_report.py" not in md.split("## Commands")[1]
     assert "test host" in md and "torch x" in md
     assert "- toy trained on: cpu (CPU, 2 cores); cpu (machine not recorded); cuda (NVIDIA H200)" in md
     figs = sorted(p.name for p in (out / "figures").iterdir())

@@ -10,11 +10,13 @@ import argparse
 import json
 import math
 import re
+import shlex
+import sys
 from typing import Sequence
 
 from .types import RankwiseError
 
-__all__ = ["OneLineParser", "parse_targets", "parse_set", "split_list", "check_number", "check_options",
+__all__ = ["OneLineParser", "command_line", "parse_targets", "parse_set", "split_list", "check_number", "check_options",
            "number", "PLOT_SUFFIXES", "check_plot_path"]
 
 # What matplotlib's savefig writes (Agg, PDF, PS, SVG, PGF backends); checked before any work is done.
@@ -152,3 +154,9 @@ def check_plot_path(path: str | None, flag: str = "--plot") -> None:
     if p.is_dir():
         raise RankwiseError(f"{flag} {path} is a folder; give an image file name such as plan.png")
 
+
+def command_line(args) -> str:
+    """The command as it was given, for results.json and reports to record: `rankwise` and the arguments `main`
+    parsed (`args.argv`; sys.argv's when main read those, not the host's when it was called with a list)."""
+    argv = getattr(args, "argv", None)
+    return "rankwise " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

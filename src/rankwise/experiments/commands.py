@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 
+from ..parsing import command_line
+
 __all__ = ["register", "cmd_sweep", "cmd_report", "cmd_paper"]
-
-
-def _command_line() -> str:
-    return "rankwise " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def cmd_sweep(args) -> int:
@@ -28,7 +25,7 @@ def cmd_sweep(args) -> int:
         return 0
     try:
         s = sweep(args.experiment, args.out, jobs=args.jobs, launcher=args.launcher, address=args.address,
-                  progress=not args.quiet, command=_command_line())
+                  progress=not args.quiet, command=command_line(args))
     except KeyboardInterrupt:
         print(f"rankwise sweep: interrupted; finished runs are kept, re-run the same command to resume",
               file=sys.stderr)
@@ -45,7 +42,7 @@ def cmd_report(args) -> int:
     from .report import make_report
 
     paths = make_report(args.sweep_dir, args.out, tolerance=args.tolerance, figures=not args.no_figures,
-                        command=_command_line())
+                        command=command_line(args))
     for p in paths:
         print(p)
     return 0

@@ -7,11 +7,9 @@ RankwiseError (the CLI prints it as one line and exits 2).
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 
-from ..parsing import number, parse_set, parse_targets
+from ..parsing import command_line, number, parse_set, parse_targets
 from ..types import RankwiseError
 from .config import attach_config
 from .options import SCHEDULERS
@@ -32,9 +30,6 @@ def _targets(values):
 def _options(pairs):
     return parse_set(pairs)
 
-
-def _command_line() -> str:
-    return "rankwise " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def cmd_train(args) -> int:
@@ -63,7 +58,7 @@ def cmd_train(args) -> int:
         quantize=args.quantize, quant_type=args.quant_type, double_quant=args.double_quant,
         compute_dtype=args.compute_dtype,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed,
-        device=args.device, overwrite=args.overwrite, progress=not args.quiet, command=_command_line(),
+        device=args.device, overwrite=args.overwrite, progress=not args.quiet, command=command_line(args),
         **_habits(args),
     )
     from .options import is_main_process
