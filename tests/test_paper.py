@@ -435,7 +435,7 @@ def _fake_run(root: Path, rid: str, seed: int, value: float) -> dict:
 def test_v2_prose_on_the_finished_tasks_says_what_its_numbers_say():
     """results.tex's paragraph on v2's finished tasks quotes macros; the words around them (how many, which one,
     a loss) are checked here against those numbers, which the recomputation above checks against the runs."""
-    text = " ".join((PAPER / "sections" / "results.tex").read_text().split("What the finished tasks show")[1].split())
+    text = " ".join((PAPER / "sections" / "results.tex").read_text().split("What v2 shows")[1].split())
     num = {name: value for name, (value, _) in _numbers().items()}
 
     def pts(task, label, budget="BNineTwoOneSix"):
@@ -453,6 +453,50 @@ def test_v2_prose_on_the_finished_tasks_says_what_its_numbers_say():
     # "no longer loses by v1's margins": v1 at r16 lost more than 10 points on both; v2 within 3 of uniform
     assert all(float(num[f"rwGlue{t}RSixteenAdaloraDeltapts"]) < -10 for t in ("SstTwo", "Stsb"))
     assert all(abs(pts(t, "Adalora", "BSixSixThreeFiveFiveTwo")) < 3 for t in ("SstTwo", "Stsb"))
+    # CoLA: uniform's best mean is rank 4's; no allocator comparison survives; all seven below q,v below rank 1
+    uni = {b: float(num[f"rwGlueVtwoColaB{b}UniformMean"]) for b in ("FourOneFourSevenTwo", "OneSixFiveEightEightEight",
+                                                                       "SixSixThreeFiveFiveTwo")}
+    assert max(uni, key=uni.get) == "OneSixFiveEightEightEight" and "uniform's best mean MCC is" in text
+    assert num["rwGlueVtwoColaAllocHolm"] == "0" and all(pts("Cola", lab) < 0 for lab in static)
+    assert "below rank 1 all seven allocators' means are below the query/value default" in text
+    # over the three tasks: one survivor, STS-B's loss; no allocator's interval above q,v's below rank 1
+    assert num["rwGlueVtwoAllocHolm"] == "1" and num["rwGlueVtwoAllocCompared"] == "90"
+    assert "survives Holm's adjustment (the loss above)" in text
+    assert not any(float(num[f"rwGlueVtwo{t}BNineTwoOneSix{lab}Lo"]) > 0 for t in ("SstTwo", "Stsb", "Cola")
+                   for lab in static) and "no allocator's interval lies above the query/value default's" in text
+
+
+def test_v2_abstract_discussion_and_conclusion_say_what_its_numbers_say():
+    """The abstract's, the discussion's and the conclusion's words on v2 (one survivor and it is a loss, one
+    interval above zero and whose, AdaLoRA's range, what the power rules out) against the generated numbers."""
+    num = {name: value for name, (value, _) in _numbers().items()}
+    abstract, discussion, conclusion = (" ".join((PAPER / "sections" / f"{s}.tex").read_text().split())
+                                        for s in ("abstract", "discussion", "conclusion"))
+    static = ["Spectral", "WeightNorm", "Depth", "ModuleType", "Gradient", "Eva", "Activation"]
+    tasks = ("SstTwo", "Stsb", "Cola")
+    # the one allocator comparison with an interval above zero: multirank, SST-2, rank 16, not after Holm
+    above = [(t, b, lab) for t in tasks for b in ("BNineTwoOneSix", "BFourOneFourSevenTwo", "BOneSixFiveEightEightEight",
+                                                  "BSixSixThreeFiveFiveTwo") for lab in [*static, "Multirank"]
+             if num.get(f"rwGlueVtwo{t}{b}{lab}Lo", "--") != "--" and float(num[f"rwGlueVtwo{t}{b}{lab}Lo"]) > 0]
+    assert above == [("SstTwo", "BSixSixThreeFiveFiveTwo", "Multirank")] and num["rwGlueVtwoAllocBetter"] == "1"
+    assert float(num["rwGlueVtwoSstTwoBSixSixThreeFiveFiveTwoMultirankPholm"]) > 0.05
+    assert "(multi-rank LoRA on SST-2 at rank 16, not significant after adjustment)" in abstract
+    # the one survivor is a loss (STS-B's module_type below rank 1), said in the abstract and the discussion
+    assert [t for t in tasks if num[f"rwGlueVtwo{t}AllocHolm"] != "0"] == ["Stsb"]
+    assert float(num["rwGlueVtwoStsbBNineTwoOneSixModuleTypeDeltapts"]) < 0
+    assert "\\rwGlueVtwoAllocHolm{} survives Holm's adjustment, a loss" in abstract
+    assert "survives Holm's adjustment, and it is a loss" in discussion
+    assert "the one comparison that survives the adjustment is a loss" in conclusion
+    assert "below rank 1 no allocator's interval lies above the query/value default's" in abstract
+    # AdaLoRA at rank 16: the abstract's range is the smallest and largest of the three tasks
+    ada = {t: float(num[f"rwGlueVtwo{t}BSixSixThreeFiveFiveTwoAdaloraDeltapts"]) for t in tasks}
+    lo, hi = min(ada, key=ada.get), max(ada, key=ada.get)
+    assert (f"between \\rwGlueVtwo{lo}BSixSixThreeFiveFiveTwoAdaloraDeltapts{{}} and "
+            f"\\rwGlueVtwo{hi}BSixSixThreeFiveFiveTwoAdaloraDeltapts{{}} points") in abstract
+    # the power: SST-2's median MDE fell below v1's; STS-B's and CoLA's stay large ("only large effects")
+    assert float(num["rwGlueVtwoSstTwoAllocMdemedianpts"]) < float(num["rwGlueSstTwoAllocMdemedianpts"])
+    assert min(float(num[f"rwGlueVtwo{t}AllocMdemedianpts"]) for t in ("Stsb", "Cola")) > 3
+    assert "there, too, v2 rules out only large effects" in discussion
 
 
 def test_v2_section_in_progress_then_tables(tmp_path):
