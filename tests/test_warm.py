@@ -61,3 +61,22 @@ def test_the_fork_server_holds_torch_before_any_run(tmp_path, assets):
     assert pid and pid != os.getpid()
     maps = open(f"/proc/{pid}/maps").read()
     assert "libtorch_cpu" in maps
+
+
+def test_a_warm_run_leaves_no_semaphore_for_the_resource_tracker(tmp_path, assets):
+    """A warm child ends with os._exit, which skips multiprocessing's cleanup: a semaphore a run made (tqdm's
+    default write lock did, on its first progress bar) stayed registered, and the resource tracker warned about
+    one "leaked semaphore" per run when the sweep ended. In a fresh interpreter, as a sweep is, two warm runs and
+    then the exit: its stderr (where the tracker writes) has no such warning."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from rankwise.experiments.launchers import execute_run, forwarded_env; "
+            "args, out = sys.argv[1:-1], sys.argv[-1]; "
+            "codes = [execute_run(args, f'{out}/r{i}', f'{out}/r{i}.log', forwarded_env(1), warm=True) "
+            "for i in (0, 1)]; assert codes == [0, 0], codes")
+    proc = subprocess.run([sys.executable, "-c", code, *_args(assets), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "r1" / "results.json").is_file()
+    assert "leaked semaphore" not in proc.stderr, proc.stderr[-2000:]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 __all__ = ["start", "warm_context", "PRELOAD"]
 
@@ -66,6 +67,12 @@ def start(argv: list, log: str, env: dict) -> None:  # pragma: no cover - runs i
     os.dup2(devnull, 0)
     code = 1
     try:
+        # tqdm's default write lock holds a multiprocessing semaphore, made on a run's first progress bar; the
+        # child ends with os._exit, which skips its cleanup, so each run left one for the resource tracker to
+        # warn about when the sweep ends. A run writes only its own log: a thread lock is all it needs.
+        from tqdm import tqdm
+
+        tqdm.set_lock(threading.RLock())
         threads = env.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
         if threads:
             import torch
