@@ -99,6 +99,8 @@ def test_report_regenerates_from_the_committed_results(tmp_path, study):
 
 V2_WRITTEN = (5.0e-4, 1.0e-3, 2.0e-3, 4.0e-3)  # the experiment file's lr list; tune.extend adds values beyond it
 V2_STATIC = ("spectral", "weight_norm", "depth", "module_type", "gradient", "eva", "activation")
+V2_METRICS = {"sst2": "eval_accuracy", "stsb": "eval_pearson", "cola": "eval_mcc"}
+_WORDS = {0: "none", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 
 
 def _best(tried: list) -> tuple:
@@ -264,11 +266,10 @@ def test_v2_stsb_grid_table_in_the_docs_agrees_with_the_runs():
     title = "### STS-B's grid: what the numbers show"
     runs, ref, budgets, ps = _check_v2_grid_table(md, title, "stsb", "eval_pearson")
     text = " ".join(md.split(title)[1].split("## Reproduce v2")[0].split())
-    words = {0: "none", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
     adjusted = _holm(ps)
-    assert f"Of STS-B's {len(ps)} tested comparisons, {words[sum(p < 0.05 for p in ps)]} intervals exclude zero" \
+    assert f"Of STS-B's {len(ps)} tested comparisons, {_WORDS[sum(p < 0.05 for p in ps)]} intervals exclude zero" \
         in text
-    assert f"Holm's adjustment over the {len(ps)} leaves {words[sum(p < 0.05 for p in adjusted)]} below 0.05" in text
+    assert f"Holm's adjustment over the {len(ps)} leaves {_WORDS[sum(p < 0.05 for p in adjusted)]} below 0.05" in text
     seeds = range(5)
 
     def diff(label, b):
@@ -302,9 +303,6 @@ def test_v2_stsb_grid_table_in_the_docs_agrees_with_the_runs():
     p_ada = stats.ttest_1samp(ada, 0.0).pvalue
     assert f"(+{ada.mean():.2f} [" in text and f"p {p_ada:.2f} before adjustment, " \
         f"{adjusted[ps.index(p_ada)]:.2f} after Holm)" in text
-
-
-_WORDS = {0: "none", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 
 
 def _paired(runs: dict, ref: dict, label: str, b: int) -> np.ndarray:
@@ -368,9 +366,8 @@ def test_v2_answer_across_the_three_tasks_is_what_the_runs_say():
     the largest upper ends, and the budget curve, each recomputed from the grid runs."""
     md = (ROOT / "docs" / "study.md").read_text()
     text = " ".join(md.split("### Across the three tasks: the answer")[1].split("## Reproduce v2")[0].split())
-    metrics = {"sst2": "eval_accuracy", "stsb": "eval_pearson", "cola": "eval_mcc"}
     tested, excluded, survivors, below, above, upper, curve = 0, [], [], [], [], {}, {}
-    for task, metric in metrics.items():
+    for task, metric in V2_METRICS.items():
         runs = _v2_grid(task, metric)
         budgets = sorted({b for _, b, _ in runs})
         ref = {b: "uniform" if ("uniform", b, 0) in runs else "uniform_qv" for b in budgets}
@@ -658,9 +655,6 @@ def test_v2_end_choices_were_extended_as_the_docs_say():
     assert ("On CoLA seven choices sat at an end (spectral, eva and activation at 9,216 and AdaLoRA at 41,472 at "
             "4e-3; q,v at 165,888 and 663,552 and multirank at 663,552 at 5e-4); the extension lost at all seven "
             "(8e-3 scored MCC 0.000") in text
-
-
-V2_METRICS = {"sst2": "eval_accuracy", "stsb": "eval_pearson", "cola": "eval_mcc"}
 
 
 @pytest.fixture(scope="module")
