@@ -22,6 +22,9 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "paper"
+# study v2 in macro names: the static allocators and the budgets
+V2_STATIC = ["Spectral", "WeightNorm", "Depth", "ModuleType", "Gradient", "Eva", "Activation"]
+V2_BUDGETS = ["BNineTwoOneSix", "BFourOneFourSevenTwo", "BOneSixFiveEightEightEight", "BSixSixThreeFiveFiveTwo"]
 NUMBERS = PAPER / "generated" / "numbers.tex"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 LOWER = ("eval_loss", "perplexity", "eval_mse")
@@ -441,11 +444,10 @@ def test_v2_prose_on_the_finished_tasks_says_what_its_numbers_say():
     def pts(task, label, budget="BNineTwoOneSix"):
         return float(num[f"rwGlueVtwo{task}{budget}{label}Deltapts"])
 
-    static = ["Spectral", "WeightNorm", "Depth", "ModuleType", "Gradient", "Eva", "Activation"]
-    below = [lab for lab in static if pts("Stsb", lab) < 0]
+    below = [lab for lab in V2_STATIC if pts("Stsb", lab) < 0]
     assert len(below) == 5 and "five of the seven allocators' means on STS-B are below" in text
     assert set(below) == {"Depth", "ModuleType", "Gradient", "Spectral", "Activation"}
-    assert max(static, key=lambda lab: pts("SstTwo", lab)) == "Gradient"
+    assert max(V2_STATIC, key=lambda lab: pts("SstTwo", lab)) == "Gradient"
     assert "none is above it by more than \\rwGlueVtwoSstTwoBNineTwoOneSixGradientDeltapts{} points" in text
     assert num["rwGlueVtwoStsbAllocHolm"] == "1" and pts("Stsb", "ModuleType") < 0
     assert float(num["rwGlueVtwoStsbBNineTwoOneSixModuleTypePholm"]) < 0.05 and "and it is a loss" in text
@@ -454,16 +456,15 @@ def test_v2_prose_on_the_finished_tasks_says_what_its_numbers_say():
     assert all(float(num[f"rwGlue{t}RSixteenAdaloraDeltapts"]) < -10 for t in ("SstTwo", "Stsb"))
     assert all(abs(pts(t, "Adalora", "BSixSixThreeFiveFiveTwo")) < 3 for t in ("SstTwo", "Stsb"))
     # CoLA: uniform's best mean is rank 4's; no allocator comparison survives; all seven below q,v below rank 1
-    uni = {b: float(num[f"rwGlueVtwoColaB{b}UniformMean"]) for b in ("FourOneFourSevenTwo", "OneSixFiveEightEightEight",
-                                                                       "SixSixThreeFiveFiveTwo")}
-    assert max(uni, key=uni.get) == "OneSixFiveEightEightEight" and "uniform's best mean MCC is" in text
-    assert num["rwGlueVtwoColaAllocHolm"] == "0" and all(pts("Cola", lab) < 0 for lab in static)
+    uni = {b: float(num[f"rwGlueVtwoCola{b}UniformMean"]) for b in V2_BUDGETS[1:]}
+    assert max(uni, key=uni.get) == "BOneSixFiveEightEightEight" and "uniform's best mean MCC is" in text
+    assert num["rwGlueVtwoColaAllocHolm"] == "0" and all(pts("Cola", lab) < 0 for lab in V2_STATIC)
     assert "below rank 1 all seven allocators' means are below the query/value default" in text
     # over the three tasks: one survivor, STS-B's loss; no allocator's interval above q,v's below rank 1
     assert num["rwGlueVtwoAllocHolm"] == "1" and num["rwGlueVtwoAllocCompared"] == "90"
     assert "survives Holm's adjustment (the loss above)" in text
     assert not any(float(num[f"rwGlueVtwo{t}BNineTwoOneSix{lab}Lo"]) > 0 for t in ("SstTwo", "Stsb", "Cola")
-                   for lab in static) and "no allocator's interval lies above the query/value default's" in text
+                   for lab in V2_STATIC) and "no allocator's interval lies above the query/value default's" in text
 
 
 def test_v2_abstract_discussion_and_conclusion_say_what_its_numbers_say():
@@ -472,11 +473,9 @@ def test_v2_abstract_discussion_and_conclusion_say_what_its_numbers_say():
     num = {name: value for name, (value, _) in _numbers().items()}
     abstract, discussion, conclusion = (" ".join((PAPER / "sections" / f"{s}.tex").read_text().split())
                                         for s in ("abstract", "discussion", "conclusion"))
-    static = ["Spectral", "WeightNorm", "Depth", "ModuleType", "Gradient", "Eva", "Activation"]
     tasks = ("SstTwo", "Stsb", "Cola")
     # the one allocator comparison with an interval above zero: multirank, SST-2, rank 16, not after Holm
-    above = [(t, b, lab) for t in tasks for b in ("BNineTwoOneSix", "BFourOneFourSevenTwo", "BOneSixFiveEightEightEight",
-                                                  "BSixSixThreeFiveFiveTwo") for lab in [*static, "Multirank"]
+    above = [(t, b, lab) for t in tasks for b in V2_BUDGETS for lab in [*V2_STATIC, "Multirank"]
              if num.get(f"rwGlueVtwo{t}{b}{lab}Lo", "--") != "--" and float(num[f"rwGlueVtwo{t}{b}{lab}Lo"]) > 0]
     assert above == [("SstTwo", "BSixSixThreeFiveFiveTwo", "Multirank")] and num["rwGlueVtwoAllocBetter"] == "1"
     assert float(num["rwGlueVtwoSstTwoBSixSixThreeFiveFiveTwoMultirankPholm"]) > 0.05

@@ -310,6 +310,19 @@ def _paired(runs: dict, ref: dict, label: str, b: int) -> np.ndarray:
     return 100 * np.array([runs[(label, b, s)] - runs[(ref[b], b, s)] for s in range(5)])
 
 
+def _tested(runs: dict, ref: dict, budgets: list) -> list:
+    """The comparisons a task's table tests, as (label, budget, mean difference in points, paired t-test p): every
+    entry that ran at a budget, against that budget's reference, less the "same plan" cells (no difference)."""
+    out = []
+    for label in ("uniform_qv", *V2_STATIC, "adalora", "multirank"):
+        for b in budgets:
+            if (label, b, 0) in runs and label != ref[b]:
+                d = _paired(runs, ref, label, b)
+                if np.any(d != 0):
+                    out.append((label, b, d.mean(), stats.ttest_1samp(d, 0).pvalue))
+    return out
+
+
 def test_v2_cola_grid_table_in_the_docs_agrees_with_the_runs():
     """CoLA's grid table (MCC x100) recomputed from the runs, and each claim under it: the intervals that exclude
     zero and Holm's smallest, the allocators below q,v below rank 1, the largest upper ends, the collapses, the
@@ -323,9 +336,9 @@ def test_v2_cola_grid_table_in_the_docs_agrees_with_the_runs():
     uni = {b: 100 * np.mean([runs[("uniform", b, s)] for s in seeds]) for b in budgets[1:]}
     best = max(uni, key=uni.get)
     assert best == 165888 and f"Uniform's best mean is an MCC of {uni[best] / 100:.3f} (rank 4)" in text
-    excluded = sorted((_paired(runs, ref, lab, b).mean(), lab, b) for lab in ("uniform_qv", *V2_STATIC, "adalora",
-                      "multirank") for b in budgets if (lab, b, 0) in runs and lab != ref[b]
-                      and stats.ttest_1samp(_paired(runs, ref, lab, b), 0).pvalue < 0.05)
+    tested = _tested(runs, ref, budgets)
+    assert sorted(p for *_, p in tested) == sorted(ps)  # the same comparisons as the table's
+    excluded = sorted((m, lab, b) for lab, b, m, p in tested if p < 0.05)
     assert [(lab, b) for _, lab, b in excluded] == [("adalora", 9216), ("uniform_qv", 165888)]
     assert f"Of CoLA's {len(ps)} tested comparisons, {_WORDS[len(excluded)]} intervals exclude zero, both losses" \
         in text and all(m < 0 for m, *_ in excluded)
@@ -371,12 +384,8 @@ def test_v2_answer_across_the_three_tasks_is_what_the_runs_say():
         runs = _v2_grid(task, metric)
         budgets = sorted({b for _, b, _ in runs})
         ref = {b: "uniform" if ("uniform", b, 0) in runs else "uniform_qv" for b in budgets}
-        keys, ps = [], []
-        for lab in ("uniform_qv", *V2_STATIC, "adalora", "multirank"):
-            for b in budgets:
-                if (lab, b, 0) in runs and lab != ref[b] and np.any(_paired(runs, ref, lab, b) != 0):
-                    keys.append((task, lab, b, _paired(runs, ref, lab, b).mean()))
-                    ps.append(stats.ttest_1samp(_paired(runs, ref, lab, b), 0).pvalue)
+        tested_here = _tested(runs, ref, budgets)
+        keys, ps = [(task, lab, b, m) for lab, b, m, _ in tested_here], [p for *_, p in tested_here]
         tested += len(ps)
         keys_all += keys
         excluded += [k for k, p in zip(keys, ps) if p < 0.05]
@@ -717,10 +726,11 @@ def test_v2_report_regenerates_the_efficiency_and_tuning_tables_from_the_committ
 def _without_figures_and_stamps(md: str) -> str:
     """report.md less what depends on the figures flag (sections of images only) and on when and how it was made
     (the date line, the command line)."""
-    parts = md.split("\n## ")
-    keep = [p for p in parts if [ln for ln in p.splitlines()[1:] if ln.strip()] == []
-            or not all(ln.startswith("![") for ln in p.splitlines()[1:] if ln.strip())]
-    lines = "\n## ".join(keep).splitlines()
+    def images_only(section: str) -> bool:
+        body = [ln for ln in section.splitlines()[1:] if ln.strip()]
+        return bool(body) and all(ln.startswith("![") for ln in body)
+
+    lines = "\n## ".join(s for s in md.split("\n## ") if not images_only(s)).splitlines()
     return "\n".join(ln for ln in lines if not ln.startswith(("- report made on ", "rankwise report ")))
 
 

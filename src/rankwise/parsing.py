@@ -155,7 +155,7 @@ def check_plot_path(path: str | None, flag: str = "--plot") -> None:
         raise RankwiseError(f"{flag} {path} is a folder; give an image file name such as plan.png")
 
 
-def command_line(args) -> str:
+def command_line(args=None) -> str:
     """The command as it was given, for results.json and reports to record: `rankwise` and the arguments `main`
     parsed (`args.argv`; sys.argv's when main read those, not the host's when it was called with a list)."""
     argv = getattr(args, "argv", None)

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import signal
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..outputs import check_folder_out
+from ..parsing import command_line
 from ..types import RankwiseError
 from .launchers import Job, make_launcher
 from .results import MANIFEST, RUNS_DIR, is_finished, write_json_atomic
@@ -139,7 +138,7 @@ def sweep(experiment: str | os.PathLike, out: str | os.PathLike, *, jobs: int | 
     lock = _lock(out)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        command = command or "rankwise " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = command or command_line()
         _write_manifest(exp, out, command)
         summary = SweepSummary(total=0, skipped=0, ran=0, failed=[], out=str(out))
         bar = tqdm(total=0, unit="run", desc="sweep", disable=not progress, dynamic_ncols=True)

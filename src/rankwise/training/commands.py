@@ -31,7 +31,6 @@ def _options(pairs):
     return parse_set(pairs)
 
 
-
 def cmd_train(args) -> int:
     from . import train
 
